@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+from monai.data import ITKReader
+from monai.transforms import LoadImage
+from parameterized import parameterized
+
+from monai_cfx.utils import atomic_path, check_finite, check_option, write_json, write_nifti, write_png
+
+
+class TestWriters(unittest.TestCase):
+    @parameterized.expand([["2d", (1, 12, 10)], ["3d", (1, 6, 7, 8)], ["2d_multichannel", (3, 12, 10)]])
+    def test_nifti_round_trip_keeps_values_and_affine(self, _, shape):
+        array = np.random.default_rng(0).random(shape).astype(np.float32)
+        affine = np.diag([-2.0, 1.5, 3.0, 1.0])
+        affine[:3, 3] = [10.0, -4.0, 2.0]
+        with tempfile.TemporaryDirectory() as out:
+            path = write_nifti(array, affine, Path(out) / "sub" / "x.nii.gz")
+            loaded = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+            # several channels sit in NIfTI's 5th dimension, which MONAI returns with singleton axes
+            self.assertEqual(tuple(loaded.squeeze().shape), tuple(s for s in shape if s > 1))
+            np.testing.assert_array_equal(loaded.numpy().reshape(shape), array)
+            np.testing.assert_allclose(loaded.affine.numpy()[: len(shape)], affine[: len(shape)], atol=1e-6)
+            if shape[0] == 1:  # ITK (3D Slicer's reader) agrees on the geometry
+                itk_image = LoadImage(reader=ITKReader(), image_only=True)(str(path))
+                np.testing.assert_allclose(itk_image.numpy(), array[0], atol=1e-6)
+
+    def test_png_orientation_matches_monai_loader(self):
+        array = np.zeros((1, 20, 10), dtype=np.float32)
+        array[0, 15, 2] = 1.0  # axis 0 is the horizontal axis in MONAI's convention
+        with tempfile.TemporaryDirectory() as out:
+            path = write_png(array, Path(out) / "x.png")
+            loaded = LoadImage(image_only=True, ensure_channel_first=True)(str(path)).numpy() / 255.0
+            np.testing.assert_array_equal(loaded, array)
+            with self.assertRaisesRegex(ValueError, "shape"):
+                write_png(np.zeros((2, 4, 4)), Path(out) / "y.png")
+
+    def test_no_overwrite_and_atomicity(self):
+        with tempfile.TemporaryDirectory() as out:
+            target = Path(out) / "result.json"
+            write_json({"a": 1}, target)
+            with self.assertRaises(FileExistsError):
+                write_json({"a": 2}, target)
+            self.assertIn('"a": 1', target.read_text())
+            # a failure while writing leaves the previous file intact and no temporary behind
+            with self.assertRaises(RuntimeError):
+                with atomic_path(target, overwrite=True) as tmp:
+                    tmp.write_text("partial")
+                    raise RuntimeError("interrupted")
+            self.assertIn('"a": 1', target.read_text())
+            self.assertEqual([p.name for p in Path(out).iterdir()], ["result.json"])
+            write_json({"a": 3}, target, overwrite=True)
+            self.assertIn('"a": 3', target.read_text())
+
+
+class TestValidation(unittest.TestCase):
+    def test_messages_name_the_argument(self):
+        with self.assertRaisesRegex(ValueError, r"`mode` must be one of \['a', 'b'\], got 'c'"):
+            check_option("mode", "c", ["a", "b"])
+        with self.assertRaisesRegex(ValueError, "`latent` must be finite"):
+            check_finite("latent", np.array([1.0, np.nan]))
+        check_finite("latent", np.ones(3))
+
+
+if __name__ == "__main__":
+    unittest.main()
