@@ -1,0 +1,33 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Phantom benchmark: 2D chest radiographs and 3D brain MRI with ground-truth healthy twins, finding
+masks, boxes, labels, reports and MS-CXR-style phrases."""
+
+from __future__ import annotations
+
+from .brain import BRAIN_FINDINGS, brain_phantom
+from .chest import CHEST_FINDINGS, chest_phantom
+from .dataset import PHANTOM_KINDS, PhantomDataset, generate_phantom, subject_to_item, write_phantom_dataset
+from .synthesis import DOMAIN_PRESETS, resolve_domain
+
+__all__ = [
+    "BRAIN_FINDINGS",
+    "CHEST_FINDINGS",
+    "DOMAIN_PRESETS",
+    "PHANTOM_KINDS",
+    "PhantomDataset",
+    "brain_phantom",
+    "chest_phantom",
+    "generate_phantom",
+    "resolve_domain",
+    "subject_to_item",
+    "write_phantom_dataset",
+]
