@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+import tempfile
+import unittest
+from pathlib import Path
+
+from monai.transforms import LoadImage
+from PIL import Image
+
+from monai_cfx.apps.showcase import main, run_showcase
+
+
+class TestShowcase(unittest.TestCase):
+    def test_outputs_and_no_overwrite(self):
+        with tempfile.TemporaryDirectory() as out:
+            summary = run_showcase(out, num_subjects=20)
+            for name in ("phantoms_2d.png", "phantoms_3d.png"):
+                with Image.open(Path(out, name)) as figure:
+                    self.assertGreater(min(figure.size), 300)
+            written = json.loads(Path(out, "summary.json").read_text())
+            self.assertEqual(written["phantoms"]["chest"]["subjects"], 20)
+            self.assertEqual(summary["shown_reports"]["normal"], "Normal chest radiograph.")
+            volume = LoadImage(image_only=True)(str(next(Path(out, "nifti").glob("brain_*_image.nii.gz"))))
+            self.assertEqual(tuple(volume.shape), (64, 64, 64))
+            text = written["text_conditioning"]
+            if "skipped" not in text:
+                self.assertEqual(text["context_shape"][1:], [77, 384])
+                for report in text["reports"]:
+                    for phrase, located in report["phrases"].items():
+                        # the located word pieces spell the phrase
+                        self.assertEqual("".join(located["tokens"]).replace("#", ""), phrase.replace(" ", ""))
+            # a second run refuses to replace the outputs unless asked
+            self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
+            self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
