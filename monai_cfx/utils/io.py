@@ -78,9 +78,7 @@ def write_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, inden
     return _write_with(path, lambda tmp: tmp.write_text(text + "\n"), overwrite)
 
 
-def write_nifti(
-    array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, overwrite: bool = False
-) -> Path:
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a channel-first array ``(C, *spatial)`` as NIfTI with ``affine`` (4x4, RAS), atomically.
 
     A single channel is squeezed so that 3D Slicer and ITK-SNAP read the file as a plain image;
