@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from .brain import BRAIN_FINDINGS, brain_phantom
 from .chest import CHEST_FINDINGS, chest_phantom
-from .dataset import PHANTOM_KINDS, PhantomDataset, generate_phantom, subject_to_item, write_phantom_dataset
+from .dataset import (
+    PHANTOM_KINDS,
+    PhantomDataset,
+    ensure_phantom_datalist,
+    generate_phantom,
+    subject_to_item,
+    write_phantom_dataset,
+)
 from .synthesis import DOMAIN_PRESETS, resolve_domain
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "PHANTOM_KINDS",
     "PhantomDataset",
     "brain_phantom",
+    "ensure_phantom_datalist",
     "chest_phantom",
     "generate_phantom",
     "resolve_domain",

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,14 @@ from monai_cfx.utils import check_option, check_writable, write_json, write_nift
 from .brain import brain_phantom
 from .chest import chest_phantom
 
-__all__ = ["PHANTOM_KINDS", "PhantomDataset", "generate_phantom", "write_phantom_dataset"]
+__all__ = [
+    "PHANTOM_KINDS",
+    "PhantomDataset",
+    "ensure_phantom_datalist",
+    "generate_phantom",
+    "subject_to_item",
+    "write_phantom_dataset",
+]
 
 PHANTOM_KINDS = ("chest", "brain")
 _DEFAULT_SIZE = {"chest": 128, "brain": 64}
@@ -192,3 +200,26 @@ def write_phantom_dataset(
         "num_testing": num - num_train - num_val,
         "seconds": elapsed,
     }
+
+
+def ensure_phantom_datalist(
+    dataset_dir: str | os.PathLike,
+    kind: str = "chest",
+    num: int = 1000,
+    seed: int = 0,
+    size: int | None = None,
+    **phantom_kwargs: Any,
+) -> str:
+    """Return ``dataset_dir/datalist.json``, writing the phantom dataset there first if it does not exist.
+
+    Bundles call this so that they run out of the box on the phantom benchmark; a user's own datalist
+    is never touched. An existing phantom datalist of another kind is an error rather than a silent mix.
+    """
+    datalist = Path(dataset_dir) / "datalist.json"
+    if datalist.exists():
+        written_kind = json.loads(datalist.read_text()).get("kind", kind)
+        if written_kind != kind:
+            raise ValueError(f"`dataset_dir` {str(dataset_dir)!r} holds {written_kind!r} phantoms, expected {kind!r}.")
+        return str(datalist)
+    write_phantom_dataset(dataset_dir, kind, num, seed, size, **phantom_kwargs)
+    return str(datalist)

@@ -11,7 +11,17 @@
 
 from __future__ import annotations
 
+from .checkpoint import load_weights
 from .io import atomic_path, check_writable, write_json, write_nifti, write_png
 from .validation import check_finite, check_option
 
-__all__ = ["atomic_path", "check_finite", "check_option", "check_writable", "write_json", "write_nifti", "write_png"]
+__all__ = [
+    "atomic_path",
+    "check_finite",
+    "check_option",
+    "check_writable",
+    "load_weights",
+    "write_json",
+    "write_nifti",
+    "write_png",
+]

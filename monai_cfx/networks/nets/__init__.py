@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from .finding_classifier import FindingClassifier
 from .text_encoder import TextEncoder
 
-__all__ = ["TextEncoder"]
+__all__ = ["FindingClassifier", "TextEncoder"]
