@@ -20,6 +20,7 @@ from .dataset import (
     PhantomDataset,
     ensure_phantom_datalist,
     generate_phantom,
+    phantom_affine,
     subject_to_item,
     write_phantom_dataset,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ensure_phantom_datalist",
     "chest_phantom",
     "generate_phantom",
+    "phantom_affine",
     "resolve_domain",
     "subject_to_item",
     "write_phantom_dataset",

@@ -35,6 +35,7 @@ __all__ = [
     "PhantomDataset",
     "ensure_phantom_datalist",
     "generate_phantom",
+    "phantom_affine",
     "subject_to_item",
     "write_phantom_dataset",
 ]
@@ -95,6 +96,11 @@ class PhantomDataset(Dataset):
         subject = generate_phantom(self.kind, self.data[index], self.size, **self.phantom_kwargs)
         item = subject_to_item(subject, self.data[index])
         return item if self.transform is None else self.transform(item)
+
+
+def phantom_affine(kind: str = "chest", size: int | None = None) -> np.ndarray:
+    """The 4x4 affine (orientation and spacing) of ``kind`` phantoms of ``size``: the space generated images live in."""
+    return generate_phantom(kind, 0, size, findings=[])["affine"]
 
 
 def subject_to_item(subject: Mapping[str, Any], seed: int) -> dict[str, Any]:

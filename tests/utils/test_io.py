@@ -55,6 +55,10 @@ class TestWriters(unittest.TestCase):
             self.assertEqual([p.name for p in Path(out).iterdir()], ["result.json"])
             write_json({"a": 3}, target, overwrite=True)
             self.assertIn('"a": 3', target.read_text())
+            # the written file has the permissions of a plain open(), not mkstemp's private 0600
+            plain = Path(out) / "plain.txt"
+            plain.write_text("x")
+            self.assertEqual(target.stat().st_mode & 0o777, plain.stat().st_mode & 0o777)
 
 
 class TestValidation(unittest.TestCase):

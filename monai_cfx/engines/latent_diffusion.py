@@ -1,0 +1,208 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Training pieces for text-conditioned latent diffusion with MONAI's ``SupervisedTrainer``.
+
+The diffusion model is trained on latents of a frozen ``AutoencoderKL``, drawn in ``prepare_batch``:
+the loss target of v-prediction, ``sqrt(a_t) * noise - sqrt(1 - a_t) * latent``, needs the latent, so
+it is drawn here rather than inside ``LatentDiffusionInferer``. With ``EncodeLatentd`` in a cached
+dataset the encoder runs once per image for the whole training, and each step only samples the
+posterior. The trainer drives MONAI's ``DiffusionInferer`` on the latents; sampling uses MONAI's
+``LatentDiffusionInferer`` with the same autoencoder and scale factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines.utils import DiffusionPrepareBatch, PrepareBatch
+from monai.networks.schedulers import Scheduler
+from monai.utils import CommonKeys
+
+from monai_cfx.utils import check_option
+
+__all__ = ["AutoencoderKLLoss", "LatentDiffusionPrepareBatch", "ReconstructionPrepareBatch", "compute_scale_factor"]
+
+
+class ReconstructionPrepareBatch(PrepareBatch):
+    """``prepare_batch`` for autoencoders: the image is both the input and the target."""
+
+    def __init__(self, image_key: str = CommonKeys.IMAGE) -> None:
+        self.image_key = image_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        images = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking, **kwargs)
+        return images, images, (), {}
+
+
+class AutoencoderKLLoss(torch.nn.Module):
+    """L1 reconstruction plus a weighted KL divergence of MONAI ``AutoencoderKL``'s posterior to N(0, I).
+
+    Takes the ``(reconstruction, z_mu, z_sigma)`` tuple that ``AutoencoderKL.forward`` returns, so it
+    plugs into ``SupervisedTrainer`` as ``loss_function`` with a ``SimpleInferer``.
+    """
+
+    def __init__(self, kl_weight: float = 1e-6) -> None:
+        super().__init__()
+        if kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {kl_weight}.")
+        self.kl_weight = kl_weight
+
+    def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        reconstruction, z_mu, z_sigma = outputs
+        spatial = list(range(1, z_mu.ndim))
+        kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1, dim=spatial)
+        return torch.nn.functional.l1_loss(reconstruction.float(), target.float()) + self.kl_weight * kl.mean()
+
+
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """``prepare_batch`` for text-conditioned latent diffusion training with ``SupervisedTrainer``.
+
+    Draws scaled latents of the images from the frozen autoencoder's posterior (from the batch's
+    ``image_z_mu``/``image_z_sigma`` that ``monai_cfx.transforms.EncodeLatentd`` cached, or by encoding
+    the images when those keys are absent), draws noise and timesteps on them (MONAI's
+    ``DiffusionPrepareBatch``), and encodes the batch's prompts with the text encoder.
+    A fraction ``condition_drop_prob`` of the prompts is replaced by the empty prompt, so the model
+    also learns the unconditional branch that classifier-free guidance needs. Prompt contexts are
+    cached: training sets repeat their reports, and the text encoder is frozen.
+
+    Returns ``(latents, target, (), {"noise", "timesteps", "condition"})`` for MONAI's ``DiffusionInferer``.
+
+    Args:
+        autoencoder: a trained MONAI ``AutoencoderKL`` (or anything with ``encode_stage_2_inputs``); kept frozen.
+        text_encoder: ``monai_cfx.networks.nets.TextEncoder`` (or a callable prompts -> context).
+        num_train_timesteps: the scheduler's ``num_train_timesteps``.
+        scale_factor: latent scale (``compute_scale_factor`` gives ``1 / std`` of the data's latents).
+        scheduler: MONAI scheduler; needed for ``prediction_type="v_prediction"`` (``get_velocity``).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``: what the model regresses.
+        text_key: batch key of the prompts (a list of strings).
+        condition_drop_prob: probability of replacing a prompt by ``""``.
+        seed: seed of the prompt-dropout generator.
+        image_key: batch key of the images (cached posteriors are ``<image_key>_z_mu`` and ``_z_sigma``).
+
+    Example::
+
+        prepare_batch = LatentDiffusionPrepareBatch(autoencoder, TextEncoder(), 1000, scale_factor=1.2)
+        trainer = SupervisedTrainer(device, max_epochs, loader, unet, optimizer, torch.nn.MSELoss(),
+                                    inferer=DiffusionInferer(scheduler), prepare_batch=prepare_batch)
+    """
+
+    def __init__(
+        self,
+        autoencoder: torch.nn.Module,
+        text_encoder: Any,
+        num_train_timesteps: int,
+        scale_factor: float | torch.Tensor = 1.0,
+        scheduler: Scheduler | None = None,
+        prediction_type: str = "epsilon",
+        text_key: str = "report",
+        condition_drop_prob: float = 0.1,
+        seed: int = 0,
+        image_key: str = "image",
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        check_option("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+        if prediction_type == "v_prediction" and scheduler is None:
+            raise ValueError("`scheduler` is required for prediction_type='v_prediction' (it computes the velocity).")
+        if not 0.0 <= condition_drop_prob <= 1.0:
+            raise ValueError(f"`condition_drop_prob` must be in [0, 1], got {condition_drop_prob}.")
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.scale_factor = float(scale_factor)
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.text_key = text_key
+        self.image_key = image_key
+        self.condition_drop_prob = condition_drop_prob
+        self._generator = torch.Generator().manual_seed(seed)
+        self._contexts: dict[str, torch.Tensor] = {}
+
+    def text_contexts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Contexts ``(B, L, D)`` of ``prompts`` (on the CPU), encoding only prompts not seen before."""
+        missing = sorted({p for p in prompts if p not in self._contexts})
+        if missing:
+            with torch.no_grad():
+                encoded = self.text_encoder(missing)
+            self._contexts.update({p: c.detach().cpu() for p, c in zip(missing, encoded)})
+        return torch.stack([self._contexts[p] for p in prompts])
+
+    def latents(
+        self, batchdata: Mapping[str, Any], images: torch.Tensor, device: Any, non_blocking: bool
+    ) -> torch.Tensor:
+        """Unscaled latents: a posterior sample from cached ``(z_mu, z_sigma)``, else a fresh encoding."""
+        mu_key, sigma_key = f"{self.image_key}_z_mu", f"{self.image_key}_z_sigma"
+        with torch.no_grad():
+            if mu_key in batchdata and sigma_key in batchdata:
+                z_mu = torch.as_tensor(batchdata[mu_key]).to(device, non_blocking=non_blocking)
+                z_sigma = torch.as_tensor(batchdata[sigma_key]).to(device, non_blocking=non_blocking)
+                return self.autoencoder.sampling(z_mu, z_sigma)
+            return self.autoencoder.encode_stage_2_inputs(images)
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)  # type: ignore[union-attr]
+        return noise
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        images = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking, **kwargs)
+        latents = self.latents(batchdata, images, device, non_blocking) * self.scale_factor
+        prompts = batchdata.get(self.text_key)
+        if prompts is None:
+            raise ValueError(f"the batch has no {self.text_key!r} key with prompts (keys: {sorted(batchdata)}).")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"the batch has {images.shape[0]} images but {len(prompts)} prompts in {self.text_key!r}.")
+        dropped = torch.rand(len(prompts), generator=self._generator) < self.condition_drop_prob
+        prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
+        condition = self.text_contexts(prompts).to(device, non_blocking=non_blocking)
+        noise = self.get_noise(latents)
+        timesteps = self.get_timesteps(latents)
+        target = self.get_target(latents, noise, timesteps)
+        return latents, target, (), {"noise": noise, "timesteps": timesteps, "condition": condition}
+
+
+def compute_scale_factor(
+    autoencoder: torch.nn.Module,
+    data: Iterable[Mapping[str, Any]],
+    device: str | torch.device = "cpu",
+    max_batches: int = 8,
+    image_key: str = CommonKeys.IMAGE,
+) -> float:
+    """``1 / std`` of the autoencoder's latents over up to ``max_batches`` batches (Rombach et al. 2022, sec. 4.3.2).
+
+    Scaling latents to unit variance keeps the diffusion schedule's signal-to-noise ratios meaningful.
+    """
+    autoencoder = autoencoder.to(device).eval()
+    latents = []
+    with torch.no_grad():
+        for index, batch in enumerate(data):
+            if index >= max_batches:
+                break
+            latents.append(autoencoder.encode_stage_2_inputs(torch.as_tensor(batch[image_key]).to(device)).cpu())
+    if not latents:
+        raise ValueError("`data` yielded no batch: cannot estimate the latent scale factor.")
+    std = float(torch.cat([z.flatten() for z in latents]).std())
+    if not std > 0:
+        raise ValueError(f"the latents have standard deviation {std}; is the autoencoder trained?")
+    return 1.0 / std

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import unittest
+
+import torch
+from monai.networks.nets import AutoencoderKL
+from monai.networks.schedulers import DDPMScheduler
+
+from monai_cfx.engines import (
+    AutoencoderKLLoss,
+    LatentDiffusionPrepareBatch,
+    ReconstructionPrepareBatch,
+    compute_scale_factor,
+)
+from monai_cfx.transforms import EncodeLatentd
+
+
+class FakeTextEncoder:
+    """Prompt -> context whose every entry is the prompt's length, and a call counter."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompts):
+        self.calls += 1
+        return torch.stack([torch.full((3, 4), float(len(p))) for p in prompts])
+
+
+def tiny_autoencoder(spatial_dims: int = 2) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        latent_channels=2,
+        num_res_blocks=1,
+        attention_levels=(False, False),
+        norm_num_groups=4,
+    ).eval()
+
+
+class TestAutoencoderKLLoss(unittest.TestCase):
+    def test_l1_plus_weighted_kl(self):
+        target = torch.zeros(2, 1, 4, 4)
+        reconstruction = torch.full_like(target, 0.5)
+        z_mu, z_sigma = torch.ones(2, 2, 2, 2), torch.ones(2, 2, 2, 2)
+        # KL(N(1, 1) || N(0, 1)) = 0.5 per latent element, 8 elements per sample
+        loss = AutoencoderKLLoss(kl_weight=0.1)((reconstruction, z_mu, z_sigma), target)
+        self.assertAlmostEqual(float(loss), 0.5 + 0.1 * 4.0, places=5)
+        self.assertAlmostEqual(float(AutoencoderKLLoss(0.0)((target, z_mu * 0, z_sigma), target)), 0.0)
+
+    def test_negative_weight(self):
+        with self.assertRaisesRegex(ValueError, "kl_weight"):
+            AutoencoderKLLoss(-1.0)
+
+    def test_reconstruction_prepare_batch(self):
+        images = torch.rand(2, 1, 4, 4)
+        inputs, targets, args, kwargs = ReconstructionPrepareBatch()({"image": images})
+        self.assertTrue(torch.equal(inputs, images) and torch.equal(targets, images))
+        self.assertEqual((args, kwargs), ((), {}))
+
+
+class TestLatentDiffusionPrepareBatch(unittest.TestCase):
+    def setUp(self):
+        self.autoencoder = tiny_autoencoder()
+        self.batch = {"image": torch.rand(4, 1, 8, 8), "report": ["a", "bb", "a", "ccc"]}
+
+    def test_outputs_and_condition_cache(self):
+        text = FakeTextEncoder()
+        prepare = LatentDiffusionPrepareBatch(self.autoencoder, text, 1000, scale_factor=2.0, condition_drop_prob=0.0)
+        latents, target, args, kwargs = prepare(self.batch)
+        self.assertEqual(tuple(latents.shape), (4, 2, 4, 4))
+        self.assertTrue(torch.equal(target, kwargs["noise"]))  # epsilon prediction
+        self.assertEqual(kwargs["timesteps"].shape, (4,))
+        self.assertTrue(((kwargs["timesteps"] >= 0) & (kwargs["timesteps"] < 1000)).all())
+        self.assertEqual([float(c[0, 0]) for c in kwargs["condition"]], [1.0, 2.0, 1.0, 3.0])
+        prepare(self.batch)
+        self.assertEqual(text.calls, 1)  # the second batch's prompts come from the cache
+
+    def test_condition_dropout(self):
+        prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=1.0)
+        self.assertTrue((prepare(self.batch)[3]["condition"] == 0).all())  # the empty prompt has length 0
+        prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.1)
+        dropped = [(prepare(self.batch)[3]["condition"][:, 0, 0] == 0).float().mean() for _ in range(200)]
+        self.assertAlmostEqual(float(torch.stack(dropped).mean()), 0.1, delta=0.03)
+
+    def test_v_prediction_target(self):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+        prepare = LatentDiffusionPrepareBatch(
+            self.autoencoder, FakeTextEncoder(), 1000, scheduler=scheduler, prediction_type="v_prediction"
+        )
+        latents, target, _, kwargs = prepare(self.batch)
+        expected = scheduler.get_velocity(latents, kwargs["noise"], kwargs["timesteps"])
+        self.assertTrue(torch.allclose(target, expected))
+
+    def test_cached_posterior(self):
+        # latents drawn from EncodeLatentd's cached (z_mu, z_sigma) follow the posterior that a fresh
+        # encoding samples: z_mu + z_sigma * eps, eps ~ N(0, I)
+        prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, scale_factor=1.5)
+        items = [EncodeLatentd("image", self.autoencoder)({"image": image}) for image in self.batch["image"]]
+        z_mu = torch.stack([i["image_z_mu"] for i in items])
+        z_sigma = torch.stack([i["image_z_sigma"] for i in items])
+        with torch.no_grad():
+            fresh_mu, fresh_sigma = self.autoencoder.encode(self.batch["image"])
+        self.assertTrue(torch.allclose(z_mu, fresh_mu, atol=1e-5) and torch.allclose(z_sigma, fresh_sigma, atol=1e-5))
+        latents = prepare(dict(self.batch, image_z_mu=z_mu, image_z_sigma=z_sigma))[0]
+        eps = (latents / 1.5 - z_mu) / z_sigma
+        self.assertAlmostEqual(float(eps.mean()), 0.0, delta=0.3)
+        self.assertAlmostEqual(float(eps.std()), 1.0, delta=0.3)
+        exact = prepare(dict(self.batch, image_z_mu=z_mu, image_z_sigma=torch.zeros_like(z_sigma)))[0]
+        self.assertTrue(torch.allclose(exact, z_mu * 1.5))
+
+    def test_bad_input(self):
+        prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000)
+        with self.assertRaisesRegex(ValueError, "'report'"):
+            prepare({"image": self.batch["image"]})
+        with self.assertRaisesRegex(ValueError, "4 images but 2 prompts"):
+            prepare({"image": self.batch["image"], "report": ["a", "b"]})
+        with self.assertRaisesRegex(ValueError, "prediction_type"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, prediction_type="sample")
+        with self.assertRaisesRegex(ValueError, "scheduler"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, prediction_type="v_prediction")
+        with self.assertRaisesRegex(ValueError, "condition_drop_prob"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=1.5)
+
+
+class TestComputeScaleFactor(unittest.TestCase):
+    def test_unit_variance(self):
+        autoencoder = tiny_autoencoder()
+        data = [{"image": torch.rand(4, 1, 8, 8)} for _ in range(3)]
+        torch.manual_seed(0)
+        scale = compute_scale_factor(autoencoder, data)
+        torch.manual_seed(0)
+        latents = torch.cat([autoencoder.encode_stage_2_inputs(d["image"]) for d in data])
+        self.assertAlmostEqual(float((latents * scale).std()), 1.0, delta=0.05)
+
+    def test_no_data(self):
+        with self.assertRaisesRegex(ValueError, "no batch"):
+            compute_scale_factor(tiny_autoencoder(), [])
+
+
+class TestEncodeLatentd(unittest.TestCase):
+    def test_posterior_keys_2d_3d(self):
+        for spatial_dims, shape in ((2, (1, 8, 8)), (3, (1, 8, 8, 8))):
+            autoencoder = tiny_autoencoder(spatial_dims)
+            image = torch.rand(shape)
+            out = EncodeLatentd("image", autoencoder)({"image": image, "report": "x"})
+            z_mu, z_sigma = autoencoder.encode(image[None])
+            self.assertTrue(torch.allclose(out["image_z_mu"], z_mu[0]))
+            self.assertTrue(torch.allclose(out["image_z_sigma"], z_sigma[0]))
+            self.assertEqual(out["report"], "x")
+            self.assertIs(out["image"], image)
+
+
+if __name__ == "__main__":
+    unittest.main()
