@@ -6,4 +6,7 @@ bash scripts/setup_env.sh dev
 .venv/bin/ruff check monai_cfx tests benchmarks tutorials
 .venv/bin/ruff format --check monai_cfx tests benchmarks tutorials
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# one OpenMP thread per pytest worker: two workers with two threads each on two cores spin-wait and
+# run many times slower than one thread each
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m pytest -n 2 --durations=10 "$@"

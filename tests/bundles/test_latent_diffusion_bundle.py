@@ -1,0 +1,191 @@
+"""The latent diffusion bundle's configs, run through MONAI's CLI as a user runs them, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from monai_cfx.data import phantom_affine
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "latent_diffusion"
+SCHEMA = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
+TINY = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "2", "--log_every", "1"]
+TINY_SAMPLING = ["--num_inference_steps", "2", "--sample_batch_size", "4"]
+
+
+def run_bundle(configs, *overrides, launcher=()) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the bundle folder; raise with its output on failure."""
+    config_file = configs[0] if len(configs) == 1 else str(list(configs))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", config_file]
+    cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", *overrides]
+    return subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=900)
+
+
+def check_ok(test: unittest.TestCase, result: subprocess.CompletedProcess) -> None:
+    test.assertEqual(result.returncode, 0, msg=f"{result.args}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+class BundleCase(unittest.TestCase):
+    """Trains tiny networks once per class into a temporary model_dir, on a tiny phantom dataset."""
+
+    extra: list[str] = []
+    configs_3d: list[str] = []
+    image_size = 32
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        cls.common = [
+            "--model_dir", str(cls.tmp / "models"),
+            "--dataset_dir", str(cls.tmp / "data"),
+            "--num_subjects", "30",
+            "--image_size", str(cls.image_size),
+        ]  # fmt: skip
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def configs(self, name):
+        return [f"configs/{name}.json", *self.configs_3d]
+
+    def train_all(self):
+        for name in ("train_autoencoder", "train_diffusion", "train_oracle"):
+            check_ok(self, run_bundle(self.configs(name), *self.common, *TINY))
+
+
+class TestBundle2D(BundleCase):
+    dims_tag, kind = "2d", "chest"
+
+    def test_train_infer_evaluate(self):
+        self.train_all()
+        models = self.tmp / "models"
+        for name in ("autoencoder", "diffusion", "oracle"):
+            self.assertTrue((models / f"{name}_{self.dims_tag}.pt").is_file(), name)
+        scale = json.loads((models / f"scale_factor_{self.dims_tag}.json").read_text())["scale_factor"]
+        self.assertTrue(np.isfinite(scale) and scale > 0)
+
+        out = self.tmp / "samples"
+        check_ok(self, run_bundle(self.configs("inference"), *self.common, *TINY_SAMPLING, "--output_dir", str(out)))
+        records = json.loads((out / "prompts.json").read_text())
+        self.assertGreaterEqual(len(records), 4)
+        volume = nib.load(out / records[0]["image"])
+        np.testing.assert_allclose(volume.affine, phantom_affine(self.kind, self.image_size))
+        spatial = tuple(s for s in volume.shape if s > 1)
+        self.assertEqual(spatial, (self.image_size,) * (2 if self.dims_tag == "2d" else 3))
+        self.assertTrue(np.isfinite(np.asarray(volume.dataobj)).all())
+
+        # running again into the same folder refuses, and leaves the samples as they were
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        again = run_bundle(self.configs("inference"), *self.common, *TINY_SAMPLING, "--output_dir", str(out))
+        self.assertNotEqual(again.returncode, 0)
+        self.assertIn("exists", again.stdout + again.stderr)
+        self.assertEqual(before, {p.name: p.stat().st_mtime_ns for p in out.iterdir()})
+
+        evaluation = self.tmp / "evaluation"
+        overrides = ["--output_dir", str(evaluation), "--samples_per_prompt_class", "2"]
+        check_ok(self, run_bundle(self.configs("evaluate"), *self.common, *TINY_SAMPLING, *overrides))
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        self.assertEqual(metrics["dims"], self.dims_tag)
+        self.assertEqual(set(metrics["generator"]["prompt_fidelity"]), {*metrics["oracle"]["auroc"], "normal"})
+        for value in metrics["generator"]["prompt_fidelity"].values():
+            self.assertTrue(0.0 <= value <= 1.0)
+        self.assertGreaterEqual(metrics["generator"]["fid_oracle_features"], 0.0)
+
+        # a checkpoint for another architecture is refused with the file's name
+        wrong = run_bundle(
+            self.configs("inference"), *self.common, *TINY_SAMPLING,
+            "--output_dir", str(self.tmp / "wrong"), "--autoencoder_channels", "[16,16]",
+        )  # fmt: skip
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn(f"autoencoder_{self.dims_tag}.pt", wrong.stdout + wrong.stderr)
+        self.assertIn("does not fit AutoencoderKL", wrong.stdout + wrong.stderr)
+        self.assertFalse((self.tmp / "wrong").exists())
+
+
+class TestBundle3D(TestBundle2D):
+    dims_tag, kind = "3d", "brain"
+    configs_3d = ["configs/3d.json"]
+    image_size = 16
+
+
+class TestBundleBadInput(BundleCase):
+    def test_prompt_and_seed_counts(self):
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        check_ok(self, run_bundle(self.configs("train_diffusion"), *self.common, *TINY))
+        out = self.tmp / "samples"
+        result = run_bundle(
+            self.configs("inference"), *self.common, *TINY_SAMPLING, "--output_dir", str(out), "--seeds", "[0]"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("`seeds` must have one entry per prompt", result.stdout + result.stderr)
+        self.assertFalse(out.exists())
+
+    def test_datalist_without_reports_and_unreadable_image(self):
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        datalist = json.loads((self.tmp / "data" / "datalist.json").read_text())
+        for item in datalist["training"]:
+            item.pop("report")
+        no_reports = self.tmp / "data" / "no_reports.json"
+        no_reports.write_text(json.dumps(datalist))
+        result = run_bundle(self.configs("train_diffusion"), *self.common, *TINY, "--datalist", str(no_reports))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("report", result.stdout + result.stderr)
+
+        broken = self.tmp / "data" / "images" / "broken.nii.gz"
+        broken.write_bytes(b"not a nifti file")
+        datalist["training"][0]["image"] = "images/broken.nii.gz"
+        unreadable = self.tmp / "data" / "unreadable.json"
+        unreadable.write_text(json.dumps(datalist))
+        result = run_bundle(self.configs("train_oracle"), *self.common, *TINY, "--datalist", str(unreadable))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("broken.nii.gz", result.stdout + result.stderr)
+        self.assertFalse((self.tmp / "models" / "oracle_2d.pt").exists())
+
+
+class TestMultiProcessTraining(BundleCase):
+    def test_two_process_gloo(self):
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+        configs = ["configs/train_diffusion.json", "configs/multi_gpu_train.json"]
+        result = run_bundle(configs, *self.common, *TINY, launcher=launcher)
+        check_ok(self, result)
+        log = result.stdout + result.stderr
+        # each rank ran two iterations on its half of the data; rank 0 alone saved
+        self.assertEqual(log.count("Epoch: 1/1, Iter: 2/2"), 2, log[-3000:])
+        self.assertEqual(log.count("saved final checkpoint"), 1, log[-3000:])
+        self.assertTrue((self.tmp / "models" / "diffusion_2d.pt").is_file())
+
+
+class TestMetadata(unittest.TestCase):
+    def verify(self, meta_file):
+        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([*cmd, "--filepath", str(SCHEMA)], cwd=BUNDLE, env=env, capture_output=True, text=True)
+
+    def test_verifies_offline_and_rejects_a_broken_file(self):
+        result = self.verify("configs/metadata.json")
+        check_ok(self, result)
+        self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
+        metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+        metadata.pop("version")
+        with tempfile.TemporaryDirectory() as tmp:
+            broken = Path(tmp) / "metadata.json"
+            broken.write_text(json.dumps(metadata))
+            result = self.verify(broken)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("'version' is a required property", result.stdout + result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
