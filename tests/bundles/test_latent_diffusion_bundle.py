@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ def run_bundle(configs, *overrides, launcher=()) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", config_file]
     cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", *overrides]
-    return subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
 
 
 def check_ok(test: unittest.TestCase, result: subprocess.CompletedProcess) -> None:
@@ -153,10 +154,32 @@ class TestBundleBadInput(BundleCase):
         self.assertFalse((self.tmp / "models" / "oracle_2d.pt").exists())
 
 
+class TestContinueTraining(BundleCase):
+    def test_pretrained_path(self):
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        first = (self.tmp / "models" / "autoencoder_2d.pt").read_bytes()
+        continued = self.tmp / "models" / "continued.pt"
+        result = run_bundle(
+            self.configs("train_autoencoder"), *self.common, *TINY,
+            "--pretrained_path", str(self.tmp / "models" / "autoencoder_2d.pt"),
+            "--load_autoencoder_path", str(continued),
+        )  # fmt: skip
+        check_ok(self, result)
+        self.assertNotEqual(continued.read_bytes(), first)  # trained further from the saved weights
+        # weights of another network are refused with the file's name
+        wrong = run_bundle(self.configs("train_oracle"), *self.common, *TINY, "--pretrained_path", str(continued))
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn("continued.pt", wrong.stdout + wrong.stderr)
+        self.assertIn("does not fit FindingClassifier", wrong.stdout + wrong.stderr)
+
+
 class TestMultiProcessTraining(BundleCase):
     def test_two_process_gloo(self):
         check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+        with socket.socket() as probe:  # a free port for the rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
         configs = ["configs/train_diffusion.json", "configs/multi_gpu_train.json"]
         result = run_bundle(configs, *self.common, *TINY, launcher=launcher)
         check_ok(self, result)
