@@ -30,6 +30,9 @@ class FindingClassifier(DenseNet):
         num_findings: number of multi-label outputs.
         in_channels: image channels.
         init_features, growth_rate, block_config: DenseNet size (defaults are small enough for CPU training).
+        dropout_prob: dropout in the dense layers.
+        stem_pooling: keep DenseNet's stem max-pooling. Without it the dense blocks see the image at half
+            resolution instead of a quarter, which small findings (a few-pixel nodule at 64x64) need.
 
     Example::
 
@@ -47,6 +50,7 @@ class FindingClassifier(DenseNet):
         growth_rate: int = 8,
         block_config: Sequence[int] = (4, 6, 8),
         dropout_prob: float = 0.0,
+        stem_pooling: bool = True,
     ) -> None:
         if num_findings < 1:
             raise ValueError(f"`num_findings` must be >= 1, got {num_findings}.")
@@ -59,6 +63,8 @@ class FindingClassifier(DenseNet):
             block_config=tuple(block_config),
             dropout_prob=dropout_prob,
         )
+        if not stem_pooling:
+            self.features.pool0 = torch.nn.Identity()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classification layer, ``(B, F)``."""
