@@ -30,6 +30,18 @@ class TestShowcase(unittest.TestCase):
                     for phrase, located in report["phrases"].items():
                         # the located word pieces spell the phrase
                         self.assertEqual("".join(located["tokens"]).replace("#", ""), phrase.replace(" ", ""))
+            # samples from the shipped weights, their panel and the oracle's verdicts
+            metrics = json.loads(Path(out, "metrics.json").read_text())
+            self.assertEqual(set(metrics), {"2d", "3d"})
+            for dims, result in metrics.items():
+                records = json.loads(Path(out, f"samples_{dims}", "prompts.json").read_text())
+                self.assertEqual([r["prompt"] for r in records], [s["prompt"] for s in result["samples"]])
+                agrees = [s["oracle_agrees"] for s in result["samples"]]
+                self.assertAlmostEqual(result["agreement"], sum(agrees) / len(agrees))
+            sample = LoadImage(image_only=True)(str(Path(out, "samples_3d", "sample_000.nii.gz")))
+            self.assertEqual(tuple(sample.shape), (32, 32, 32))
+            with Image.open(Path(out, "samples_2d.png")) as figure:
+                self.assertGreater(min(figure.size), 300)
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)
