@@ -148,14 +148,16 @@ def finding_prompts(
 def oracle_predict(
     oracle: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid probabilities ``(N, K)`` and embeddings ``(N, F)`` of ``images`` under the oracle."""
+    """Sigmoid probabilities ``(N, K)`` and embeddings ``(N, F)`` of ``images`` under the oracle
+    (a ``FindingClassifier``, or any module with ``logits_and_embedding``)."""
     oracle = oracle.to(device).eval()
     probabilities, embeddings = [], []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
-            probabilities.append(torch.sigmoid(oracle(batch)).cpu())
-            embeddings.append(oracle.embed(batch).cpu())
+            logits, embedding = oracle.logits_and_embedding(batch)
+            probabilities.append(torch.sigmoid(logits).cpu())
+            embeddings.append(embedding.cpu())
     return torch.cat(probabilities), torch.cat(embeddings)
 
 

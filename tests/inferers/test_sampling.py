@@ -9,22 +9,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from parameterized import parameterized
 
 from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, denoise
+from tests.engines.test_latent_diffusion import tiny_autoencoder
 
 CONTEXT_DIM = 8
 
 
 def tiny_networks(spatial_dims: int) -> tuple[AutoencoderKL, DiffusionModelUNet]:
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        spatial_dims=spatial_dims,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=2,
-        num_res_blocks=1,
-        attention_levels=(False, False),
-        norm_num_groups=4,
-    )
+    autoencoder = tiny_autoencoder(spatial_dims)  # seeds 0
     unet = DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=2,
@@ -43,7 +34,7 @@ def tiny_networks(spatial_dims: int) -> tuple[AutoencoderKL, DiffusionModelUNet]
         for parameter in unet.parameters():
             if not parameter.any():
                 parameter.normal_(0, 0.2)
-    return autoencoder.eval(), unet.eval()
+    return autoencoder, unet.eval()
 
 
 CASES = [

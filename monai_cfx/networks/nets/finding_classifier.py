@@ -69,3 +69,8 @@ class FindingClassifier(DenseNet):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classification layer, ``(B, F)``."""
         return self.class_layers[:-1](self.features(images))
+
+    def logits_and_embedding(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(images), embed(images))`` from one pass through the dense blocks."""
+        embedding = self.embed(images)
+        return self.class_layers[-1](embedding), embedding

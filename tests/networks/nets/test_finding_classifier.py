@@ -16,6 +16,8 @@ class TestFindingClassifier(unittest.TestCase):
         with torch.no_grad():
             logits, embedding = net(images), net.embed(images)
             features = net.features(images)
+            one_pass = net.logits_and_embedding(images)
+        self.assertTrue(torch.allclose(one_pass[0], logits) and torch.allclose(one_pass[1], embedding))
         self.assertEqual(tuple(logits.shape), (2, 4))
         self.assertEqual(embedding.shape[0], 2)
         # the embedding is what the classification layer reads: logits = out(embedding)
