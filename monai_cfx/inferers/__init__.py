@@ -12,7 +12,15 @@
 
 from __future__ import annotations
 
+from .counterfactual import CounterfactualInferer, RegionBlendHook
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise
 
-__all__ = ["SamplingHook", "SamplingState", "TextGuidedLatentDiffusionInferer", "denoise"]
+__all__ = [
+    "CounterfactualInferer",
+    "RegionBlendHook",
+    "SamplingHook",
+    "SamplingState",
+    "TextGuidedLatentDiffusionInferer",
+    "denoise",
+]

@@ -9,6 +9,26 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
+from .difference import (
+    DifferenceMap,
+    DifferenceMapD,
+    DifferenceMapd,
+    DifferenceMapDict,
+    OtsuThreshold,
+    OtsuThresholdD,
+    OtsuThresholdd,
+    OtsuThresholdDict,
+)
 from .latent import EncodeLatentd
 
-__all__ = ["EncodeLatentd"]
+__all__ = [
+    "DifferenceMap",
+    "DifferenceMapD",
+    "DifferenceMapDict",
+    "DifferenceMapd",
+    "EncodeLatentd",
+    "OtsuThreshold",
+    "OtsuThresholdD",
+    "OtsuThresholdDict",
+    "OtsuThresholdd",
+]

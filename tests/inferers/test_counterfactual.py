@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import unittest
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import LatentDiffusionInferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from parameterized import parameterized
+
+from monai_cfx.inferers import CounterfactualInferer, SamplingHook
+from monai_cfx.inferers.counterfactual import _encode_mean
+from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
+
+SCALE = 0.7
+
+
+def images_like(spatial_dims: int, batch: int = 2, size: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, 1) + (size,) * spatial_dims, generator=generator)
+
+
+def inferer(**kwargs) -> CounterfactualInferer:
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("guidance_scale", 1.0)
+    return CounterfactualInferer(DDIMScheduler(num_train_timesteps=100, clip_sample=False), SCALE, **kwargs)
+
+
+class DecodeSpy:
+    """Wraps an autoencoder and keeps the (scaled) latents that were decoded."""
+
+    def __init__(self, autoencoder):
+        self.latents = []
+        self._decode = autoencoder.decode_stage_2_outputs
+        autoencoder.decode_stage_2_outputs = self
+
+    def __call__(self, latent):
+        self.latents.append(latent * SCALE)
+        return self._decode(latent)
+
+
+class TestCounterfactualInferer(unittest.TestCase):
+    @parameterized.expand([["2d", 2], ["3d", 3]])
+    def test_full_strength_equals_monai_sampling_from_the_noised_latent(self, _, spatial_dims):
+        autoencoder, unet = tiny_networks(spatial_dims)
+        images = images_like(spatial_dims)
+        context = torch.randn(2, 3, CONTEXT_DIM)
+        ours = inferer(noise_strength=1.0, num_inference_steps=10)(images, unet, autoencoder, context, seed=5)
+
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        scheduler.set_timesteps(10)
+        with torch.no_grad():
+            latent = autoencoder.encode(images)[0] * SCALE
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+        start = scheduler.add_noise(latent, noise, scheduler.timesteps[:1])
+        theirs = LatentDiffusionInferer(scheduler, scale_factor=SCALE).sample(
+            start, autoencoder, unet, conditioning=context, verbose=False
+        )
+        self.assertTrue(torch.equal(ours, theirs))
+
+    def test_inversion_round_trip_reconstructs_the_autoencoder_output(self):
+        autoencoder, unet = tiny_networks(2)
+        images = images_like(2)
+        context = torch.randn(2, 3, CONTEXT_DIM)
+        spy = DecodeSpy(autoencoder)
+        edit = inferer(
+            noise_strength=1.0, num_inference_steps=50, start="inversion", inversion_fixed_point_iterations=3
+        )
+        # the same context for inversion and sampling: the edit must give the input's latent back
+        edit(images, unet, autoencoder, context, context)
+        with torch.no_grad():
+            latent = _encode_mean(autoencoder, images) * SCALE
+        error = (spy.latents[-1] - latent).norm() / latent.norm()
+        self.assertLess(float(error), 0.01)
+
+    def test_strength_and_seed(self):
+        autoencoder, unet = tiny_networks(2)
+        images = images_like(2)
+        context = torch.randn(1, 3, CONTEXT_DIM)
+        edit = inferer(noise_strength=0.3, num_inference_steps=10)
+        first, again = (
+            edit(images, unet, autoencoder, context, seed=1),
+            edit(images, unet, autoencoder, context, seed=1),
+        )
+        self.assertTrue(torch.equal(first, again))
+        self.assertFalse(torch.equal(first, edit(images, unet, autoencoder, context, seed=2)))
+        # one seed per image: an image's counterfactual does not depend on its batch
+        batch = edit(images, unet, autoencoder, context, seed=[3, 4])
+        alone = edit(images[1:], unet, autoencoder, context, seed=[4])
+        torch.testing.assert_close(batch[1:], alone, atol=1e-5, rtol=1e-5)
+        # a stronger edit moves further from the input
+        with torch.no_grad():
+            reconstruction = autoencoder.decode_stage_2_outputs(_encode_mean(autoencoder, images))
+        weak = (edit(images, unet, autoencoder, context, seed=0, noise_strength=0.1) - reconstruction).abs().mean()
+        strong = (edit(images, unet, autoencoder, context, seed=0, noise_strength=1.0) - reconstruction).abs().mean()
+        self.assertLess(float(weak), float(strong))
+        self.assertEqual(edit.num_edit_steps(0.3), 3)
+
+    @parameterized.expand([["noise", "noise"], ["inversion", "inversion"]])
+    def test_region_mask_keeps_the_latent_outside(self, _, start):
+        autoencoder, unet = tiny_networks(2)
+        images = images_like(2, size=16)
+        region = torch.zeros(2, 1, 16, 16)
+        region[:, :, 4:8, 4:8] = 1  # latent cells (2..3, 2..3) at factor 2
+        spy = DecodeSpy(autoencoder)
+        edit = inferer(noise_strength=0.6, num_inference_steps=10, start=start, guidance_scale=3.0)
+        context, uncond = torch.randn(2, 3, CONTEXT_DIM), torch.randn(2, 3, CONTEXT_DIM)
+        edit(images, unet, autoencoder, context, uncond, region_mask=region, seed=0)
+        with torch.no_grad():
+            latent = _encode_mean(autoencoder, images) * SCALE
+        edited = spy.latents[-1]
+        outside = torch.ones_like(latent, dtype=torch.bool)
+        outside[:, :, 2:4, 2:4] = False
+        torch.testing.assert_close(edited[outside], latent[outside], atol=1e-5, rtol=1e-5)
+        self.assertGreater(float((edited[~outside] - latent[~outside]).abs().max()), 1e-3)
+
+    def test_meta_padding_and_3d(self):
+        autoencoder, unet = tiny_networks(3)
+        affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+        images = MetaTensor(images_like(3, batch=1, size=6), affine=affine, meta={"filename_or_obj": "scan.nii.gz"})
+        result = inferer(noise_strength=0.5, num_inference_steps=4)(images, unet, autoencoder, torch.randn(1, 3, 8))
+        self.assertIsInstance(result, MetaTensor)
+        self.assertEqual(result.shape, images.shape)  # 6 is padded to 8 for the factor-4 networks, then cropped
+        torch.testing.assert_close(result.affine, images.affine)
+        self.assertEqual(result.meta["filename_or_obj"], "scan.nii.gz")
+
+    def test_hooks_run_on_the_one_loop(self):
+        autoencoder, unet = tiny_networks(2)
+
+        class Count(SamplingHook):
+            steps = 0
+
+            def after_step(self, state):
+                Count.steps += 1
+
+        inferer(noise_strength=0.5, num_inference_steps=10)(
+            images_like(2), unet, autoencoder, torch.randn(1, 3, 8), hooks=[Count()]
+        )
+        self.assertEqual(Count.steps, 5)
+
+    def test_bad_input(self):
+        autoencoder, unet = tiny_networks(2)
+        images, context = images_like(2), torch.randn(2, 3, CONTEXT_DIM)
+        for strength in (0, 1.5, -0.1, True, "0.5"):
+            with self.assertRaisesRegex(ValueError, "noise_strength"):
+                inferer(noise_strength=strength)
+        with self.assertRaisesRegex(ValueError, "noise_strength"):
+            inferer()(images, unet, autoencoder, context, noise_strength=0.0)
+        with self.assertRaisesRegex(ValueError, "`conditioning` must have one entry per image"):
+            inferer()(images, unet, autoencoder, torch.randn(3, 3, CONTEXT_DIM))
+        with self.assertRaisesRegex(ValueError, "3 spatial dimensions.*2D network"):
+            inferer()(images_like(3), unet, autoencoder, context)
+        with self.assertRaisesRegex(ValueError, "region_mask"):
+            inferer()(images, unet, autoencoder, context, region_mask=torch.ones(2, 1, 4, 4))
+        with self.assertRaisesRegex(ValueError, "`seed` must be one int or one per image"):
+            inferer()(images, unet, autoencoder, context, seed=[1, 2, 3])
+        with self.assertRaisesRegex(ValueError, "start"):
+            inferer(start="sdedit")
+        with self.assertRaisesRegex(ValueError, "DDIMScheduler"):
+            CounterfactualInferer(DDPMScheduler(num_train_timesteps=100), start="inversion")
+        with self.assertRaisesRegex(ValueError, "inputs"):
+            inferer()(images[0], unet, autoencoder, context)
+
+
+if __name__ == "__main__":
+    unittest.main()
