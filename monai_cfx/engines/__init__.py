@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from .counterfactual import CounterfactualPrepareBatch
 from .latent_diffusion import (
     AutoencoderKLLoss,
     LatentDiffusionPrepareBatch,
@@ -19,4 +20,10 @@ from .latent_diffusion import (
     compute_scale_factor,
 )
 
-__all__ = ["AutoencoderKLLoss", "LatentDiffusionPrepareBatch", "ReconstructionPrepareBatch", "compute_scale_factor"]
+__all__ = [
+    "AutoencoderKLLoss",
+    "CounterfactualPrepareBatch",
+    "LatentDiffusionPrepareBatch",
+    "ReconstructionPrepareBatch",
+    "compute_scale_factor",
+]

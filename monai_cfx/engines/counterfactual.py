@@ -1,0 +1,117 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Batch preparation that lets MONAI's ``SupervisedEvaluator`` run a :class:`CounterfactualInferer`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines import PrepareBatch
+from monai.utils import CommonKeys
+
+__all__ = ["CounterfactualPrepareBatch"]
+
+
+class CounterfactualPrepareBatch(PrepareBatch):
+    """Turn a batch of ``{"image", "prompt"?, "mask"?}`` items into the arguments of a ``CounterfactualInferer``.
+
+    ``SupervisedEvaluator(network=diffusion_unet, inferer=CounterfactualInferer(...), prepare_batch=this)`` then
+    calls ``inferer(images, diffusion_unet, autoencoder, conditioning=..., uncond_conditioning=..., seed=...)``
+    for every batch. The target prompt is the item's ``prompt_key`` if present, else ``prompt``; guidance runs
+    against ``uncond_prompt`` (``""``: the empty prompt, or a source / negative prompt). Each image gets its own
+    noise seed (``seed`` + its position in the run), so a counterfactual does not depend on the batch size.
+
+    Args:
+        autoencoder: the latent diffusion model's autoencoder.
+        text_encoder: a :class:`~monai_cfx.networks.nets.TextEncoder` (``text_encoder(prompts)`` gives the
+            context, ``null_context(n)`` the empty prompt's).
+        prompt: default target prompt, e.g. ``"Normal chest radiograph."``.
+        uncond_prompt: prompt of the unconditional branch; ``""`` uses the empty prompt.
+        prompt_key: batch key of per-item prompts.
+        target_key: batch key returned as the evaluator's label, if present (the multi-hot finding labels).
+        region_mask_key: batch key of a region mask restricting the edit (disease induction), if any.
+        seed: seed of the first image's noise.
+    """
+
+    def __init__(
+        self,
+        autoencoder: torch.nn.Module,
+        text_encoder: Any,
+        prompt: str,
+        uncond_prompt: str = "",
+        prompt_key: str = "prompt",
+        target_key: str | None = "label",
+        region_mask_key: str | None = None,
+        seed: int = 0,
+        image_key: str = CommonKeys.IMAGE,
+    ) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}.")
+        self.autoencoder = autoencoder.eval()
+        self.text_encoder = text_encoder
+        self.prompt = prompt
+        self.uncond_prompt = uncond_prompt
+        self.prompt_key = prompt_key
+        self.target_key = target_key
+        self.region_mask_key = region_mask_key
+        self.seed = seed
+        self.image_key = image_key
+        self.num_seen = 0
+
+    def prompts(self, batchdata: Mapping[str, Any], batch_size: int) -> list[str]:
+        """Per-item prompts, falling back to the default where an item has none (or an empty one)."""
+        given = batchdata.get(self.prompt_key)
+        if given is None:
+            return [self.prompt] * batch_size
+        if isinstance(given, str) or len(given) != batch_size:
+            raise ValueError(
+                f"batch key {self.prompt_key!r} must hold one prompt per image ({batch_size}), got {given!r}."
+            )
+        return [p if isinstance(p, str) and p.strip() else self.prompt for p in given]
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Sequence, dict]:
+        if self.image_key not in batchdata:
+            raise ValueError(f"the batch has no {self.image_key!r} key; keys: {sorted(batchdata)}.")
+        images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        batch_size = images.shape[0]
+        with torch.no_grad():
+            conditioning = self.text_encoder(self.prompts(batchdata, batch_size)).to(device)
+            if self.uncond_prompt:
+                uncond = self.text_encoder([self.uncond_prompt] * batch_size).to(device)
+            else:
+                uncond = self.text_encoder.null_context(batch_size).to(device)
+        target = batchdata.get(self.target_key) if self.target_key is not None else None
+        if isinstance(target, torch.Tensor):
+            target = target.to(device=device, non_blocking=non_blocking, **kwargs)
+        region_mask = None
+        if self.region_mask_key is not None:
+            if self.region_mask_key not in batchdata:
+                raise ValueError(
+                    f"`region_mask_key` {self.region_mask_key!r} is not in the batch: {sorted(batchdata)}."
+                )
+            region_mask = batchdata[self.region_mask_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        seeds = list(range(self.seed + self.num_seen, self.seed + self.num_seen + batch_size))
+        self.num_seen += batch_size
+        call_kwargs = {
+            "conditioning": conditioning,
+            "uncond_conditioning": uncond,
+            "region_mask": region_mask,
+            "seed": seeds,
+        }
+        return images, target, (self.autoencoder,), call_kwargs

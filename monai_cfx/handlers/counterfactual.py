@@ -1,0 +1,340 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Ignite handlers that save counterfactuals and measure them during a MONAI evaluator's run."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
+from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
+
+from monai_cfx.metrics import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
+from monai_cfx.utils import atomic_path, check_option, check_writable, write_json, write_nifti
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["CounterfactualMetricsHandler", "CounterfactualSaver", "iterate_items"]
+
+
+def iterate_items(engine: Engine) -> list[dict[str, Any]]:
+    """The evaluator's items of this iteration: each decollated output merged over its batch item."""
+    outputs, batches = engine.state.output, engine.state.batch
+    if isinstance(outputs, Mapping):
+        raise ValueError("the handler needs decollated outputs: keep the evaluator's `decollate=True`.")
+    # outputs win (the prediction, post-processed keys), except where the evaluator had nothing to put
+    return [
+        {**dict(batch), **{k: v for k, v in dict(output).items() if v is not None}}
+        for batch, output in zip(batches, outputs)
+    ]
+
+
+def _stem(item: Mapping[str, Any], key: str, fallback: str) -> str:
+    image = item.get(key)
+    name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    if not name:
+        return fallback
+    name = os.path.basename(str(name))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".dcm", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _affine(image: Any) -> np.ndarray:
+    if isinstance(image, MetaTensor):
+        return np.asarray(image.affine, dtype=np.float64)
+    return np.eye(4)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return torch.as_tensor(value).detach().cpu().float().numpy()
+
+
+def _panel(
+    path: Path,
+    image: np.ndarray,
+    counterfactual: np.ndarray,
+    difference: np.ndarray,
+    mask: np.ndarray | None,
+    title: str,
+    overwrite: bool,
+) -> None:
+    """image | counterfactual | difference | ground truth, 2D channel-first arrays in MONAI's (W, H) order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4 if mask is not None else 3
+    fig, axes = plt.subplots(1, columns, figsize=(2.4 * columns, 2.7))
+    limit = float(np.abs(difference).max()) or 1.0
+    signed = bool((difference < 0).any())
+    axes[0].imshow(image[0].T, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("image", fontsize=9)
+    axes[1].imshow(counterfactual[0].T, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("counterfactual", fontsize=9)
+    axes[2].imshow(image[0].T, cmap="gray", vmin=0, vmax=1)
+    shown = axes[2].imshow(
+        difference[0].T,
+        cmap="RdBu_r" if signed else "inferno",
+        vmin=-limit if signed else 0,
+        vmax=limit,
+        alpha=0.75,
+    )
+    axes[2].set_title("difference", fontsize=9)
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
+    if mask is not None:
+        axes[3].imshow(image[0].T, cmap="gray", vmin=0, vmax=1)
+        axes[3].contour(mask[0].T, levels=[0.5], colors="lime", linewidths=0.8)
+        axes[3].set_title("ground truth", fontsize=9)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+class CounterfactualSaver:
+    """Save each counterfactual and difference map as NIfTI with the input's affine, plus a PNG panel in 2D.
+
+    Writes ``<stem>_counterfactual.nii.gz`` and ``<stem>_difference.nii.gz`` (``stem`` is the input file's name),
+    and for 2D images ``<stem>_panel.png`` (image | counterfactual | difference | ground-truth mask if any). At
+    the end of the run ``counterfactuals.json`` lists every input with its prompt and files. The files overlay
+    the input in 3D Slicer or ITK-SNAP. An existing file stops the run (all of an item's targets are checked
+    before its first write) unless ``overwrite``; every file is written atomically. In multi-process runs each
+    rank saves its own items and writes ``counterfactuals_rank<r>.json``.
+
+    Args:
+        output_dir: output folder (created).
+        image_key, counterfactual_key, difference_key: item keys of the input, the counterfactual, the map.
+        mask_key: item key of a ground-truth mask to outline in the panel (skipped when absent).
+        prompt_key: item key of the item's prompt, recorded in the manifest.
+        default_prompt: prompt recorded for items without one.
+        png: write the 2D panel.
+        overwrite: replace existing files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        image_key: str = CommonKeys.IMAGE,
+        counterfactual_key: str = CommonKeys.PRED,
+        difference_key: str = "difference",
+        mask_key: str | None = "mask",
+        prompt_key: str = "prompt",
+        default_prompt: str | None = None,
+        png: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.image_key, self.counterfactual_key, self.difference_key = image_key, counterfactual_key, difference_key
+        self.mask_key, self.prompt_key, self.default_prompt = mask_key, prompt_key, default_prompt
+        self.png = png
+        self.overwrite = overwrite
+        self.records: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
+
+    def _manifest_path(self) -> Path:
+        name = "counterfactuals.json" if idist.get_world_size() == 1 else f"counterfactuals_rank{idist.get_rank()}.json"
+        return self.output_dir / name
+
+    def _started(self, _engine: Engine) -> None:
+        self.records = []
+        check_writable(self._manifest_path(), self.overwrite)
+
+    def __call__(self, engine: Engine) -> None:
+        for item in iterate_items(engine):
+            self.save_item(item, fallback_stem=f"item_{len(self.records):05d}")
+
+    def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
+        """Write one item's files; returns its manifest record."""
+        for key in (self.image_key, self.counterfactual_key, self.difference_key):
+            if key not in item:
+                raise ValueError(f"the item has no {key!r} key (keys: {sorted(item)}); check the postprocessing.")
+        image = item[self.image_key]
+        stem = _stem(item, self.image_key, fallback_stem)
+        affine = _affine(image)
+        spatial_dims = torch.as_tensor(image).ndim - 1
+        record: dict[str, Any] = {
+            "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
+            "prompt": item.get(self.prompt_key) or self.default_prompt,
+            "counterfactual": f"{stem}_counterfactual.nii.gz",
+            "difference": f"{stem}_difference.nii.gz",
+        }
+        if self.png and spatial_dims == 2:
+            record["panel"] = f"{stem}_panel.png"
+        targets = [self.output_dir / record[k] for k in ("counterfactual", "difference", "panel") if k in record]
+        for target in targets:
+            check_writable(target, self.overwrite)
+        counterfactual = _numpy(item[self.counterfactual_key])
+        difference = _numpy(item[self.difference_key])
+        write_nifti(counterfactual, affine, targets[0], overwrite=self.overwrite)
+        write_nifti(difference, affine, targets[1], overwrite=self.overwrite)
+        if "panel" in record:
+            mask = item.get(self.mask_key) if self.mask_key else None
+            mask_array = _numpy(mask) if isinstance(mask, torch.Tensor) and mask.shape[1:] == image.shape[1:] else None
+            _panel(
+                targets[2],
+                _numpy(image),
+                counterfactual,
+                difference,
+                mask_array,
+                str(record["prompt"] or ""),
+                self.overwrite,
+            )
+        self.records.append(record)
+        return record
+
+    def _finalize(self, _engine: Engine) -> None:
+        write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
+
+
+class CounterfactualMetricsHandler:
+    """Per-image counterfactual quality, averaged over the run into ``engine.state.metrics``.
+
+    For every item, with the oracle's probabilities on the counterfactual:
+
+    - ``validity``: the oracle no longer sees any labelled finding (``direction="remove"``) or sees all of them
+      (``"induce"``);
+    - ``l1_outside``: mean |counterfactual - input| outside the finding / edited region (proximity; leakage
+      for induction), and ``l1_inside`` within it;
+    - ``localization_auroc``: the difference map as a detector of the ground-truth mask;
+    - ``ssim`` / ``ms_ssim`` between counterfactual and input (MONAI's metrics);
+    - with the true counterfactual (``twin_key``): ``twin_l1`` (everywhere), ``twin_l1_outside``,
+      ``twin_l1_inside`` and ``twin_ssim``.
+
+    Means skip undefined values (e.g. AUROC of an image without a finding). Values of all ranks are gathered
+    before averaging, so every rank ends with the same metrics. ``engine.state.metrics["per_image"]`` keeps
+    the per-image values of this rank.
+
+    Args:
+        oracle: classifier with ``logits_and_embedding`` (a ``FindingClassifier``) or returning logits.
+        spatial_dims: 2 or 3.
+        direction: ``"remove"`` or ``"induce"``.
+        label_key: item key of the multi-hot finding labels.
+        mask_key: item key of the ground-truth finding (or region) mask.
+        twin_key: item key of the true counterfactual, if the data has one: the healthy twin when removing a
+            finding, the abnormal original when inducing it.
+        ms_ssim_kernel_size, ms_ssim_weights: MS-SSIM settings; the defaults suit 64-pixel images (MONAI's
+            defaults need 161 pixels or more).
+        threshold: the oracle's decision threshold.
+    """
+
+    def __init__(
+        self,
+        oracle: torch.nn.Module,
+        spatial_dims: int,
+        direction: str = "remove",
+        image_key: str = CommonKeys.IMAGE,
+        counterfactual_key: str = CommonKeys.PRED,
+        difference_key: str = "difference",
+        label_key: str = "label",
+        mask_key: str = "mask",
+        twin_key: str | None = "healthy",
+        ms_ssim_kernel_size: int = 7,
+        ms_ssim_weights: Sequence[float] = (0.3, 0.3, 0.4),
+        threshold: float = 0.5,
+    ) -> None:
+        self.oracle = oracle.eval()
+        self.direction = check_option("direction", direction, ("remove", "induce"))
+        self.image_key, self.counterfactual_key, self.difference_key = image_key, counterfactual_key, difference_key
+        self.label_key, self.mask_key, self.twin_key = label_key, mask_key, twin_key
+        self.threshold = threshold
+        self.ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, reduction="none")
+        self.ms_ssim = MultiScaleSSIMMetric(
+            spatial_dims=spatial_dims,
+            data_range=1.0,
+            kernel_size=ms_ssim_kernel_size,
+            weights=ms_ssim_weights,
+            reduction="none",
+        )
+        self.values: dict[str, list[float]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _started(self, _engine: Engine) -> None:
+        self.values = {}
+
+    def _stack(self, items: Sequence[Mapping[str, Any]], key: str, device: torch.device) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(i[key], dtype=torch.float32) for i in items]).to(device)
+
+    def _oracle_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if hasattr(self.oracle, "logits_and_embedding"):
+                logits, _ = self.oracle.logits_and_embedding(images)
+            else:
+                logits = self.oracle(images)
+        return torch.sigmoid(logits)
+
+    def compute(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """The per-image measures of a list of items."""
+        device = next(self.oracle.parameters()).device
+        missing = {self.image_key, self.counterfactual_key, self.difference_key, self.mask_key, self.label_key} - set(
+            items[0]
+        )
+        if missing:
+            raise ValueError(f"the items lack {sorted(missing)} (keys: {sorted(items[0])}); check the datalist.")
+        image = self._stack(items, self.image_key, device)
+        counterfactual = self._stack(items, self.counterfactual_key, device).clamp(0, 1)
+        difference = self._stack(items, self.difference_key, device)
+        mask = self._stack(items, self.mask_key, device)
+        labels = self._stack(items, self.label_key, device)
+        probabilities = self._oracle_probabilities(counterfactual)
+        values = {
+            "validity": compute_counterfactual_validity(probabilities, labels, self.direction, self.threshold),
+            "l1_outside": compute_masked_l1(counterfactual, image, mask, "outside"),
+            "l1_inside": compute_masked_l1(counterfactual, image, mask, "inside"),
+            "localization_auroc": compute_localization_auroc(difference, mask),
+            "ssim": self.ssim(counterfactual, image).flatten(),
+            "ms_ssim": self.ms_ssim(counterfactual, image).flatten(),
+        }
+        if self.twin_key is not None and all(self.twin_key in i for i in items):
+            twin = self._stack(items, self.twin_key, device)
+            values["twin_l1"] = compute_masked_l1(counterfactual, twin, mask, "all")
+            values["twin_l1_outside"] = compute_masked_l1(counterfactual, twin, mask, "outside")
+            values["twin_l1_inside"] = compute_masked_l1(counterfactual, twin, mask, "inside")
+            values["twin_ssim"] = self.ssim(counterfactual, twin).flatten()
+        return {k: v.detach().float().cpu() for k, v in values.items()}
+
+    def __call__(self, engine: Engine) -> None:
+        for name, value in self.compute(iterate_items(engine)).items():
+            self.values.setdefault(name, []).extend(value.tolist())
+
+    def _completed(self, engine: Engine) -> None:
+        engine.state.metrics["per_image"] = {k: list(v) for k, v in self.values.items()}
+        for name, values in self.values.items():
+            gathered = idist.all_gather(torch.tensor(values, dtype=torch.float64))
+            finite = gathered[~torch.isnan(gathered)]
+            engine.state.metrics[name] = float(finite.mean()) if len(finite) else math.nan
+            engine.state.metrics[f"{name}_count"] = int(len(finite))
