@@ -23,13 +23,13 @@ TINY = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "2", "--log_
 TINY_SAMPLING = ["--num_inference_steps", "2", "--sample_batch_size", "4"]
 
 
-def run_bundle(configs, *overrides, launcher=()) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` from the bundle folder; raise with its output on failure."""
+def run_bundle(configs, *overrides, launcher=(), bundle=BUNDLE) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the bundle folder (the latent diffusion one by default)."""
     config_file = configs[0] if len(configs) == 1 else str(list(configs))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", config_file]
     cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", *overrides]
-    return subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
 
 
 def check_ok(test: unittest.TestCase, result: subprocess.CompletedProcess) -> None:

@@ -1,0 +1,152 @@
+"""The counterfactual bundle's configs, run through MONAI's CLI with the shipped latent diffusion weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "counterfactual"
+FAST = ["--num_inference_steps", "10", "--batch_size", "4"]
+
+
+def run(configs, *overrides):
+    return run_bundle(configs, *overrides, bundle=BUNDLE)
+
+
+class CounterfactualCase(unittest.TestCase):
+    configs_3d: list[str] = []
+    image_size, kind = 64, "chest"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        # seeds from 5000 on: the shipped weights were trained on seeds below 2000, so every split here is unseen
+        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", "60", "--seed", "5000"]
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def configs(self, *names):
+        return [f"configs/{name}.json" for name in names] + self.configs_3d
+
+
+class TestCounterfactualBundle2D(CounterfactualCase):
+    def test_inference_outputs_and_no_overwrite(self):
+        out = self.tmp / "inference"
+        check_ok(
+            self, run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        )
+        records = json.loads((out / "counterfactuals.json").read_text())
+        self.assertEqual(len(records), 3)
+        source = nib.load(records[0]["image"])
+        for key in ("counterfactual", "difference"):
+            saved = nib.load(out / records[0][key])
+            np.testing.assert_allclose(saved.affine, source.affine)
+            self.assertEqual(saved.shape, source.shape)
+            self.assertTrue(np.isfinite(np.asarray(saved.dataobj)).all())
+        if self.kind == "chest":
+            self.assertTrue((out / records[0]["panel"]).is_file())
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        again = run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        self.assertNotEqual(again.returncode, 0)
+        self.assertIn("exists", again.stdout + again.stderr)
+        self.assertEqual(before, {p.name: p.stat().st_mtime_ns for p in out.iterdir()})
+
+    def test_evaluate_and_induce(self):
+        for name, extra in (("evaluate", []), ("induce", ["configs/induce.json"])):
+            out = self.tmp / name
+            configs = ["configs/evaluate.json", *extra, *self.configs_3d]
+            overrides = ["--num_items", "3", "--data_list_key", "training", "--output_dir", str(out)]
+            check_ok(self, run(configs, *self.common, *FAST, *overrides))
+            metrics = json.loads((out / "metrics.json").read_text())
+            self.assertEqual(metrics["settings"]["direction"], "remove" if name == "evaluate" else "induce")
+            self.assertEqual(metrics["settings"]["num_items"], 3)
+            for key in ("validity", "localization_auroc", "ssim", "ms_ssim", "twin_l1", "l1_outside"):
+                self.assertTrue(0.0 <= metrics[key] <= 1.0, (key, metrics[key]))
+            for key in ("fid", "kid", "input_fid"):
+                self.assertTrue(np.isfinite(metrics[key]), key)
+            self.assertEqual(len(metrics["per_image"]["validity"]), 3)
+
+
+class TestCounterfactualBundle3D(TestCounterfactualBundle2D):
+    configs_3d = ["configs/3d.json"]
+    image_size, kind = 32, "brain"
+
+
+class TestTrainedCounterfactual(CounterfactualCase):
+    def test_removes_the_finding_and_keeps_the_rest(self):
+        """The shipped 2D model, at the bundle's settings, on abnormal phantoms it was not trained on."""
+        out = self.tmp / "trained"
+        overrides = ["--num_items", "12", "--data_list_key", "training", "--output_dir", str(out)]
+        check_ok(self, run(self.configs("evaluate"), *self.common, *overrides))
+        metrics = json.loads((out / "metrics.json").read_text())
+        self.assertGreaterEqual(metrics["validity"], 0.8)
+        self.assertGreaterEqual(metrics["localization_auroc"], 0.9)
+        # the edit is concentrated on the finding, and inside it the result moves to the true healthy twin
+        self.assertGreater(metrics["l1_inside"], 3 * metrics["l1_outside"])
+        self.assertLess(metrics["twin_l1_inside"], 0.5 * metrics["l1_inside"])
+
+
+class TestUserDatalistAndBadInput(CounterfactualCase):
+    def test_own_datalist_with_prompts_and_no_masks(self):
+        data = self.tmp / "data"
+        check_ok(
+            self,
+            run(
+                self.configs("inference"),
+                *self.common,
+                *FAST,
+                "--num_items",
+                "1",
+                "--output_dir",
+                str(self.tmp / "first"),
+            ),
+        )
+        phantoms = json.loads((data / "datalist.json").read_text())["testing"]
+        own = {"testing": [
+            {"image": phantoms[0]["image"], "prompt": "Chest radiograph with cardiomegaly."},
+            {"image": phantoms[1]["image"]},
+        ]}  # fmt: skip
+        datalist = self.tmp / "own.json"
+        datalist.write_text(json.dumps(own))
+        out = self.tmp / "own"
+        overrides = ["--datalist", str(datalist), "--dataset_dir", str(data), "--output_dir", str(out)]
+        check_ok(self, run(self.configs("inference"), *FAST, *overrides))
+        records = json.loads((out / "counterfactuals.json").read_text())
+        self.assertEqual(
+            [r["prompt"] for r in records], ["Chest radiograph with cardiomegaly.", "Normal chest radiograph."]
+        )
+
+        bad = run(
+            self.configs("inference"),
+            *FAST,
+            *overrides[:4],
+            "--output_dir",
+            str(self.tmp / "bad"),
+            "--noise_strength",
+            "1.5",
+        )
+        self.assertNotEqual(bad.returncode, 0)
+        self.assertIn("`noise_strength` must be a number in (0, 1]", bad.stdout + bad.stderr)
+        self.assertFalse((self.tmp / "bad").exists())
+
+        volume = self.tmp / "volume.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), volume)
+        datalist.write_text(json.dumps({"testing": [{"image": str(volume)}]}))
+        wrong = run(self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "wrong"))
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn("3 spatial dimensions", wrong.stdout + wrong.stderr)
+        self.assertFalse(list((self.tmp / "wrong").glob("*.nii.gz")) if (self.tmp / "wrong").exists() else [])
+
+
+if __name__ == "__main__":
+    unittest.main()
