@@ -22,6 +22,8 @@ from monai.bundle import ConfigParser
 
 __all__ = ["default_bundle_dir", "load_bundle_config"]
 
+_MAX_MACRO_DEPTH = 8
+
 
 def default_bundle_dir(name: str = "latent_diffusion") -> Path:
     """The bundle folder ``bundles/<name>`` of this source tree (bundles are not inside the installed package)."""
@@ -56,5 +58,12 @@ def load_bundle_config(
         parser = ConfigParser()
         parser.read_config([str(bundle_dir / name) for name in config_files])
         parser.update({"bundle_root": str(bundle_dir), **overrides})
+        # MONAI resolves one level of macros per parse; a macro may point at another bundle's macro (as the
+        # counterfactual bundle's configs do), so resolve until nothing changes while paths still resolve here
+        for _ in range(_MAX_MACRO_DEPTH):
+            before = repr(parser.get())
+            parser.resolve_macro_and_relative_ids()
+            if repr(parser.get()) == before:
+                break
         parser.parse()
     return parser

@@ -214,7 +214,11 @@ class CounterfactualSaver:
         return record
 
     def _finalize(self, _engine: Engine) -> None:
-        write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
+        self.write_manifest()
+
+    def write_manifest(self) -> Path:
+        """Write the records of the saved items (``counterfactuals.json``); the evaluator calls it at the end."""
+        return write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
 
 
 class CounterfactualMetricsHandler:

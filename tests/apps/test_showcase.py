@@ -32,8 +32,9 @@ class TestShowcase(unittest.TestCase):
                         self.assertEqual("".join(located["tokens"]).replace("#", ""), phrase.replace(" ", ""))
             # samples from the shipped weights, their panel and the oracle's verdicts
             metrics = json.loads(Path(out, "metrics.json").read_text())
-            self.assertEqual(set(metrics), {"2d", "3d"})
-            for dims, result in metrics.items():
+            self.assertEqual(set(metrics), {"2d", "3d", "counterfactuals_2d", "counterfactuals_3d"})
+            for dims in ("2d", "3d"):
+                result = metrics[dims]
                 records = json.loads(Path(out, f"samples_{dims}", "prompts.json").read_text())
                 self.assertEqual([r["prompt"] for r in records], [s["prompt"] for s in result["samples"]])
                 agrees = [s["oracle_agrees"] for s in result["samples"]]
@@ -41,6 +42,18 @@ class TestShowcase(unittest.TestCase):
             sample = LoadImage(image_only=True)(str(Path(out, "samples_3d", "sample_000.nii.gz")))
             self.assertEqual(tuple(sample.shape), (32, 32, 32))
             with Image.open(Path(out, "samples_2d.png")) as figure:
+                self.assertGreater(min(figure.size), 300)
+            # healthy counterfactuals of the abnormal chest phantoms: the oracle stops seeing the finding
+            for dims in ("2d", "3d"):
+                saved = json.loads(Path(out, f"counterfactuals_{dims}", "counterfactuals.json").read_text())
+                examples = metrics[f"counterfactuals_{dims}"]["examples"]
+                self.assertEqual(len(saved), len(examples))
+                self.assertTrue(Path(out, f"counterfactuals_{dims}", saved[0]["difference"]).is_file())
+            for example in metrics["counterfactuals_2d"]["examples"]:
+                finding = max(example["finding_probability_before"], key=example["finding_probability_before"].get)
+                self.assertLess(example["finding_probability_after"][finding], 0.5, example["title"])
+                self.assertLess(example["twin_l1_inside"], example["input_twin_l1_inside"], example["title"])
+            with Image.open(Path(out, "counterfactuals_2d.png")) as figure:
                 self.assertGreater(min(figure.size), 300)
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
