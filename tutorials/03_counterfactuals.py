@@ -36,7 +36,7 @@ from monai_cfx.transforms import DifferenceMap
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/tutorial_03")
-    parser.add_argument("--noise_strength", type=float, default=0.4)
+    parser.add_argument("--noise_strength", type=float, default=0.6)
     args = parser.parse_args()
 
     # 1. the bundle's inferer (DDIM inversion to noise_strength, healthy prompt, guidance) and networks
