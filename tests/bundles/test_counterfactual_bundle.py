@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -146,6 +148,15 @@ class TestUserDatalistAndBadInput(CounterfactualCase):
         self.assertNotEqual(wrong.returncode, 0)
         self.assertIn("3 spatial dimensions", wrong.stdout + wrong.stderr)
         self.assertFalse(list((self.tmp / "wrong").glob("*.nii.gz")) if (self.tmp / "wrong").exists() else [])
+
+
+class TestCounterfactualMetadata(unittest.TestCase):
+    def test_verifies_offline(self):
+        schema = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
+        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json"]
+        result = subprocess.run([*cmd, "--filepath", str(schema)], cwd=BUNDLE, capture_output=True, text=True)
+        check_ok(self, result)
+        self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
 
 
 if __name__ == "__main__":
