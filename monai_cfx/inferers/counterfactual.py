@@ -195,6 +195,12 @@ class CounterfactualInferer(Inferer):
                     f"`inputs` has {spatial_dims} spatial dimensions {tuple(inputs.shape[2:])}, but `{name}` is a "
                     f"{network_dims}D network: give {network_dims}D images or a {spatial_dims}D network."
                 )
+        in_channels = getattr(getattr(autoencoder_model, "encoder", None), "in_channels", None)
+        if in_channels is not None and inputs.shape[1] != in_channels:
+            raise ValueError(
+                f"`inputs` has {inputs.shape[1]} channels, but `autoencoder_model` takes {in_channels} "
+                f"(shape {tuple(inputs.shape)})."
+            )
         batch_size = inputs.shape[0]
         for name, value in (("conditioning", conditioning), ("uncond_conditioning", uncond_conditioning)):
             if value is not None and value.shape[0] not in (1, batch_size):
@@ -270,17 +276,18 @@ class CounterfactualInferer(Inferer):
             trajectory: list[torch.Tensor] = []
             noise = None
             if self.start == "inversion":
-                noisy_latent, trajectory = ddim_invert(
+                inverted = ddim_invert(
                     diffusion_model,
                     self.scheduler,
                     clean_latent,
                     self.num_inference_steps,
                     context=uncond_conditioning if uncond_conditioning is not None else conditioning,
                     end_fraction=num_steps / self.num_inference_steps,
-                    return_trajectory=True,
+                    return_trajectory=region_mask is not None,  # only region blending needs the path back
                     verbose=self.verbose,
                     fixed_point_iterations=self.inversion_fixed_point_iterations,
                 )
+                noisy_latent, trajectory = inverted if region_mask is not None else (inverted, [])
             else:
                 noise = self._noise(clean_latent, seed)
                 noisy_latent = self.scheduler.add_noise(clean_latent, noise, timesteps[:1].to(device))

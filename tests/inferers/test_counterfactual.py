@@ -150,6 +150,8 @@ class TestCounterfactualInferer(unittest.TestCase):
             inferer()(images, unet, autoencoder, torch.randn(3, 3, CONTEXT_DIM))
         with self.assertRaisesRegex(ValueError, "3 spatial dimensions.*2D network"):
             inferer()(images_like(3), unet, autoencoder, context)
+        with self.assertRaisesRegex(ValueError, "2 channels, but `autoencoder_model` takes 1"):
+            inferer()(torch.rand(2, 2, 8, 8), unet, autoencoder, context)
         with self.assertRaisesRegex(ValueError, "region_mask"):
             inferer()(images, unet, autoencoder, context, region_mask=torch.ones(2, 1, 4, 4))
         with self.assertRaisesRegex(ValueError, "`seed` must be one int or one per image"):
