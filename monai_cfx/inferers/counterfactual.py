@@ -246,8 +246,9 @@ class CounterfactualInferer(Inferer):
                 the context of DDIM inversion.
             region_mask: optional ``(B or 1, 1, *spatial)`` mask of the region that may change.
             noise_strength: overrides the inferer's ``noise_strength`` for this call.
-            seed: seed of the added noise (``start="noise"``), one for the batch or one per image; the same seed
-                gives the same counterfactual. None draws from torch's global generator.
+            seed: seed of the added noise (``start="noise"``), one for the batch or one per image; with a
+                ``DDIMScheduler`` the same seed gives the same counterfactual (a ``DDPMScheduler`` also draws step
+                noise from torch's global generator). None draws from the global generator. Inversion needs none.
             hooks: extra :class:`SamplingHook`\\ s (guidance, drift, prompt swap), run before region blending.
         """
         self._check_inputs(inputs, diffusion_model, autoencoder_model, conditioning, uncond_conditioning, region_mask)
