@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
@@ -29,7 +31,8 @@ class CounterfactualPrepareBatch(PrepareBatch):
     calls ``inferer(images, diffusion_unet, autoencoder, conditioning=..., uncond_conditioning=..., seed=...)``
     for every batch. The target prompt is the item's ``prompt_key`` if present, else ``prompt``; guidance runs
     against ``uncond_prompt`` (``""``: the empty prompt, or a source / negative prompt). Each image gets its own
-    noise seed (``seed`` + its position in the run), so a counterfactual does not depend on the batch size.
+    noise seed derived from its file name (see :meth:`seeds`), so a counterfactual does not depend on the batch,
+    the rank or earlier runs.
 
     Args:
         autoencoder: the latent diffusion model's autoencoder.
@@ -66,7 +69,24 @@ class CounterfactualPrepareBatch(PrepareBatch):
         self.region_mask_key = region_mask_key
         self.seed = seed
         self.image_key = image_key
-        self.num_seen = 0
+        self.num_unnamed = 0
+
+    def seeds(self, images: torch.Tensor) -> list[int]:
+        """One noise seed per image from its file name (``seed`` + CRC-32 of ``filename_or_obj``), so an image
+        gets the same noise on every rank, in every run and whatever its batch; images without a file name
+        are numbered in the order seen."""
+        names = images.meta.get("filename_or_obj") if isinstance(images, MetaTensor) else None
+        if isinstance(names, str):
+            names = [names]
+        seeds = []
+        for index in range(images.shape[0]):
+            name = names[index] if names is not None and index < len(names) and names[index] else None
+            if name is None:
+                seeds.append(self.seed + self.num_unnamed)
+                self.num_unnamed += 1
+            else:
+                seeds.append((self.seed + zlib.crc32(str(name).encode())) % 2**31)
+        return seeds
 
     def prompts(self, batchdata: Mapping[str, Any], batch_size: int) -> list[str]:
         """Per-item prompts, falling back to the default where an item has none (or an empty one)."""
@@ -87,7 +107,7 @@ class CounterfactualPrepareBatch(PrepareBatch):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Sequence, dict]:
         if self.image_key not in batchdata:
-            raise ValueError(f"the batch has no {self.image_key!r} key; keys: {sorted(batchdata)}.")
+            raise ValueError(f"the batch has no {str(self.image_key)!r} key; keys: {sorted(batchdata)}.")
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         batch_size = images.shape[0]
         with torch.no_grad():
@@ -106,8 +126,7 @@ class CounterfactualPrepareBatch(PrepareBatch):
                     f"`region_mask_key` {self.region_mask_key!r} is not in the batch: {sorted(batchdata)}."
                 )
             region_mask = batchdata[self.region_mask_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        seeds = list(range(self.seed + self.num_seen, self.seed + self.num_seen + batch_size))
-        self.num_seen += batch_size
+        seeds = self.seeds(images)
         call_kwargs = {
             "conditioning": conditioning,
             "uncond_conditioning": uncond,

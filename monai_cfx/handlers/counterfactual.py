@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
-from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
+from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 
 from monai_cfx.metrics import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
 from monai_cfx.utils import atomic_path, check_option, check_writable, write_json, write_nifti
@@ -35,6 +35,9 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = ["CounterfactualMetricsHandler", "CounterfactualSaver", "iterate_items"]
+
+BASE_METRICS = ("validity", "l1_outside", "l1_inside", "localization_auroc", "ssim", "ms_ssim")
+TWIN_METRICS = ("twin_l1", "twin_l1_outside", "twin_l1_inside", "twin_ssim")
 
 
 def iterate_items(engine: Engine) -> list[dict[str, Any]]:
@@ -156,6 +159,7 @@ class CounterfactualSaver:
         self.png = png
         self.overwrite = overwrite
         self.records: list[dict[str, Any]] = []
+        self.used_stems: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._started)
@@ -167,20 +171,35 @@ class CounterfactualSaver:
         return self.output_dir / name
 
     def _started(self, _engine: Engine) -> None:
-        self.records = []
+        self.records, self.used_stems = [], set()
         check_writable(self._manifest_path(), self.overwrite)
 
     def __call__(self, engine: Engine) -> None:
+        rank = f"rank{idist.get_rank()}_" if idist.get_world_size() > 1 else ""
         for item in iterate_items(engine):
-            self.save_item(item, fallback_stem=f"item_{len(self.records):05d}")
+            self.save_item(item, fallback_stem=f"{rank}item_{len(self.records):05d}")
+
+    def _unique_stem(self, item: Mapping[str, Any], fallback_stem: str) -> str:
+        """The input's file name, prefixed by its folder (then a counter) when an earlier item had the same name,
+        as in datasets with one folder per subject and a shared file name (``s0001/ct.nii.gz``)."""
+        stem = _stem(item, self.image_key, fallback_stem)
+        image = item.get(self.image_key)
+        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if stem in self.used_stems and source:
+            stem = f"{os.path.basename(os.path.dirname(str(source)))}_{stem}".lstrip("_")
+        base, counter = stem, 1
+        while stem in self.used_stems:
+            stem, counter = f"{base}_{counter}", counter + 1
+        self.used_stems.add(stem)
+        return stem
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         """Write one item's files; returns its manifest record."""
         for key in (self.image_key, self.counterfactual_key, self.difference_key):
             if key not in item:
-                raise ValueError(f"the item has no {key!r} key (keys: {sorted(item)}); check the postprocessing.")
+                raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
         image = item[self.image_key]
-        stem = _stem(item, self.image_key, fallback_stem)
+        stem = self._unique_stem(item, fallback_stem)
         affine = _affine(image)
         spatial_dims = torch.as_tensor(image).ndim - 1
         record: dict[str, Any] = {
@@ -323,7 +342,12 @@ class CounterfactualMetricsHandler:
             "ssim": self.ssim(counterfactual, image).flatten(),
             "ms_ssim": self.ms_ssim(counterfactual, image).flatten(),
         }
-        if self.twin_key is not None and all(self.twin_key in i for i in items):
+        if self.twin_key is not None:
+            if not all(self.twin_key in i for i in items):
+                # undefined rather than absent: every rank reports the same metric names
+                missing = torch.full((len(items),), float("nan"))
+                values.update({name: missing for name in TWIN_METRICS})
+                return {k: v.detach().float().cpu() for k, v in values.items()}
             twin = self._stack(items, self.twin_key, device)
             values["twin_l1"] = compute_masked_l1(counterfactual, twin, mask, "all")
             values["twin_l1_outside"] = compute_masked_l1(counterfactual, twin, mask, "outside")
@@ -335,10 +359,15 @@ class CounterfactualMetricsHandler:
         for name, value in self.compute(iterate_items(engine)).items():
             self.values.setdefault(name, []).extend(value.tolist())
 
+    def metric_names(self) -> list[str]:
+        """The names this handler reports, the same on every rank."""
+        return list(BASE_METRICS) + (list(TWIN_METRICS) if self.twin_key is not None else [])
+
     def _completed(self, engine: Engine) -> None:
         engine.state.metrics["per_image"] = {k: list(v) for k, v in self.values.items()}
-        for name, values in self.values.items():
-            gathered = idist.all_gather(torch.tensor(values, dtype=torch.float64))
+        for name in self.metric_names():
+            # ranks may hold different numbers of images (a sampler that is not evenly divisible)
+            gathered = evenly_divisible_all_gather(torch.tensor(self.values.get(name, []), dtype=torch.float64))
             finite = gathered[~torch.isnan(gathered)]
             engine.state.metrics[name] = float(finite.mean()) if len(finite) else math.nan
             engine.state.metrics[f"{name}_count"] = int(len(finite))

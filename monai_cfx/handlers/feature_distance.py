@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.metrics import FIDMetric
-from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
+from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 
 from monai_cfx.metrics import KIDMetric
 
@@ -80,7 +80,7 @@ class FeatureDistanceHandler:
 
     def _features(self, items: Sequence[Any], key: str, device: torch.device) -> torch.Tensor:
         if any(key not in i for i in items):
-            raise ValueError(f"an item has no {key!r} key; keys: {sorted(items[0])}.")
+            raise ValueError(f"an item has no {str(key)!r} key; keys: {sorted(items[0])}.")
         images = torch.stack([torch.as_tensor(i[key], dtype=torch.float32).to(device) for i in items])
         with torch.no_grad():
             return self.feature_fn(images.clamp(0, 1)).detach().double().cpu()
@@ -92,8 +92,11 @@ class FeatureDistanceHandler:
         self.reference.append(self._features(items, self.reference_key, device))
 
     def _completed(self, engine: Engine) -> None:
-        generated = idist.all_gather(torch.cat(self.generated))
-        reference = idist.all_gather(torch.cat(self.reference))
+        if not self.generated:
+            raise ValueError("no images were seen during the run: nothing to compute FID/KID on.")
+        # ranks may hold different numbers of images (a sampler that is not evenly divisible)
+        generated = evenly_divisible_all_gather(torch.cat(self.generated))
+        reference = evenly_divisible_all_gather(torch.cat(self.reference))
         if "fid" in self.metrics:
             engine.state.metrics[f"{self.prefix}fid"] = float(FIDMetric()(generated, reference))
         if "kid" in self.metrics:

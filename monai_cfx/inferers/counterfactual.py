@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.networks.schedulers import DDIMScheduler, Scheduler
-from monai.transforms import CenterSpatialCrop, SpatialPad
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type
 
 from monai_cfx.networks.schedulers import ddim_invert
@@ -137,10 +137,16 @@ class CounterfactualInferer(Inferer):
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+            # the edit's bookkeeping (a tail of N timesteps, T // N apart) is that of these two schedulers
+            raise ValueError(
+                f"`scheduler` must be a MONAI DDIMScheduler or DDPMScheduler, got {type(scheduler).__name__}."
+            )
         self.scheduler = scheduler
         self.scale_factor = float(scale_factor)
         self.noise_strength = self._check_noise_strength(noise_strength)
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
+        valid_steps = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
+        if not valid_steps or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
             raise ValueError(
                 f"`num_inference_steps` must be an int in [1, {scheduler.num_train_timesteps}], "
                 f"got {num_inference_steps!r}."
@@ -150,6 +156,10 @@ class CounterfactualInferer(Inferer):
         if start == "inversion" and not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f'`start="inversion"` needs a DDIMScheduler, got {type(scheduler).__name__}.')
         self.guidance_scale = self._check_guidance_scale(guidance_scale)
+        if not isinstance(inversion_fixed_point_iterations, int) or inversion_fixed_point_iterations < 0:
+            raise ValueError(
+                f"`inversion_fixed_point_iterations` must be an int >= 0, got {inversion_fixed_point_iterations!r}."
+            )
         self.inversion_fixed_point_iterations = inversion_fixed_point_iterations
         self.verbose = verbose
 
@@ -265,7 +275,9 @@ class CounterfactualInferer(Inferer):
         factor = _downsampling_factor(autoencoder_model) * _downsampling_factor(diffusion_model)
         original_size = tuple(inputs.shape[2:])
         padded_size = tuple(math.ceil(s / factor) * factor for s in original_size)
-        padder = SpatialPad(padded_size) if padded_size != original_size else None
+        # pad at the end of each axis so that cropping back is a plain slice (a centred pad of an odd amount
+        # and MONAI's centred crop disagree by one pixel)
+        padder = SpatialPad(padded_size, method="end") if padded_size != original_size else None
         images = torch.as_tensor(inputs)  # plain tensor: the meta data is put back on the output
         if padder is not None:
             images = torch.stack([torch.as_tensor(padder(i)) for i in images])
@@ -311,8 +323,7 @@ class CounterfactualInferer(Inferer):
             )
             decoded = autoencoder_model.decode_stage_2_outputs(latent / self.scale_factor)
         if padder is not None:
-            cropper = CenterSpatialCrop(original_size)
-            decoded = torch.stack([torch.as_tensor(cropper(i)) for i in decoded])
+            decoded = decoded[(slice(None), slice(None), *(slice(0, size) for size in original_size))]
         return convert_to_dst_type(decoded, inputs)[0] if isinstance(inputs, MetaTensor) else decoded
 
     @staticmethod
@@ -320,6 +331,8 @@ class CounterfactualInferer(Inferer):
         """Gaussian noise like ``latent``, drawn on the CPU so that a seed gives the same noise on every device."""
         if seed is None:
             return torch.randn_like(latent)
+        if isinstance(seed, torch.Tensor):
+            seed = seed.tolist()
         if isinstance(seed, Sequence):
             if len(seed) != latent.shape[0]:
                 raise ValueError(f"`seed` must be one int or one per image ({latent.shape[0]}), got {len(seed)} seeds.")

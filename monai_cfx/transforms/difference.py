@@ -95,7 +95,9 @@ class DifferenceMap(Transform):
         if self.normalize:
             scale = difference.abs().flatten(1).amax(1).clamp_min(1e-12)
             difference = difference / scale.view(-1, *([1] * (difference.ndim - 1)))
-        return convert_to_dst_type(difference, img)[0]
+        # a difference is signed and fractional whatever the images' dtype (int16 CT, uint8 PNG)
+        dtype = torch.float32 if isinstance(img, torch.Tensor) else np.float32
+        return convert_to_dst_type(difference, img, dtype=dtype)[0]
 
 
 class DifferenceMapd(MapTransform):

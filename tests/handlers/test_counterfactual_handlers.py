@@ -13,7 +13,6 @@ import torch
 from monai.data import MetaTensor
 
 from monai_cfx.handlers import CounterfactualMetricsHandler, CounterfactualSaver, FeatureDistanceHandler
-from monai_cfx.networks.nets import FindingClassifier
 
 
 def fake_engine(items_batch, items_output):
@@ -69,6 +68,22 @@ class TestCounterfactualSaver(unittest.TestCase):
         np.testing.assert_allclose(np.asarray(difference.dataobj), pairs[0][1]["difference"][0].numpy(), atol=1e-6)
         self.assertGreater((self.tmp / "case_0_panel.png").stat().st_size, 1000)
 
+    def test_same_file_names_in_different_folders(self):
+        saver = CounterfactualSaver(self.tmp)
+        pairs = [item(i) for i in range(3)]
+        for (_, output), folder in zip(pairs, ("s01", "s02", "s01")):
+            output["image"].meta["filename_or_obj"] = f"/data/{folder}/ct.nii.gz"
+        engine = fake_engine([b for b, _ in pairs], [o for _, o in pairs])
+        saver._started(engine)
+        saver(engine)
+        saver._finalize(engine)
+        records = json.loads((self.tmp / "counterfactuals.json").read_text())
+        names = [r["counterfactual"] for r in records]
+        self.assertEqual(
+            names, ["ct_counterfactual.nii.gz", "s02_ct_counterfactual.nii.gz", "s01_ct_counterfactual.nii.gz"]
+        )
+        self.assertEqual(len(set(p.name for p in self.tmp.glob("*_counterfactual.nii.gz"))), 3)
+
     def test_3d_has_no_panel(self):
         self.run_saver(3)
         self.assertTrue((self.tmp / "case_0_counterfactual.nii.gz").is_file())
@@ -84,9 +99,22 @@ class TestCounterfactualSaver(unittest.TestCase):
         self.run_saver(2, overwrite=True)
 
 
+class FixedOracle(torch.nn.Module):
+    """Sees finding 0 in images whose mean is above 0.3 and never sees finding 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def logits_and_embedding(self, images):
+        seen = images.flatten(1).mean(1) > 0.3
+        logits = torch.stack([torch.where(seen, 5.0, -5.0), torch.full_like(seen, -5.0, dtype=torch.float32)], 1)
+        return logits, images.flatten(1)[:, :4]
+
+
 class TestCounterfactualMetricsHandler(unittest.TestCase):
     def test_perfect_counterfactual(self):
-        oracle = FindingClassifier(spatial_dims=2, num_findings=2, init_features=4, growth_rate=4, block_config=(1, 1))
+        oracle = FixedOracle()
         handler = CounterfactualMetricsHandler(oracle, spatial_dims=2, ms_ssim_kernel_size=3)
         pairs = [item(i) for i in range(3)]
         engine = fake_engine([b for b, _ in pairs], [o for _, o in pairs])
@@ -99,13 +127,18 @@ class TestCounterfactualMetricsHandler(unittest.TestCase):
         self.assertEqual(metrics["l1_outside"], 0.0)
         self.assertAlmostEqual(metrics["l1_inside"], 0.4, places=5)
         self.assertEqual(metrics["localization_auroc"], 1.0)
-        self.assertIn(metrics["validity"], (0.0, 1.0, 1 / 3, 2 / 3))
+        # the counterfactuals (the twins, mean ~0.25) do not show finding 0; a bright one does, and is invalid
+        self.assertEqual(metrics["validity"], 1.0)
         self.assertEqual(metrics["validity_count"], 3)
+        pairs[0][1]["pred"] = pairs[0][1]["pred"] + 0.5
+        handler._started(engine)
+        handler(engine)
+        handler._completed(engine)
+        self.assertAlmostEqual(engine.state.metrics["validity"], 2 / 3)
         self.assertEqual(len(metrics["per_image"]["ssim"]), 3)
 
     def test_missing_keys_are_named(self):
-        oracle = FindingClassifier(spatial_dims=2, num_findings=2, init_features=4, growth_rate=4, block_config=(1, 1))
-        handler = CounterfactualMetricsHandler(oracle, spatial_dims=2, ms_ssim_kernel_size=3)
+        handler = CounterfactualMetricsHandler(FixedOracle(), spatial_dims=2, ms_ssim_kernel_size=3)
         batch, output = item(0)
         batch.pop("mask")
         with self.assertRaisesRegex(ValueError, "mask"):

@@ -5,11 +5,12 @@ import unittest
 import torch
 from monai.data import MetaTensor
 from monai.inferers import LatentDiffusionInferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from parameterized import parameterized
 
 from monai_cfx.inferers import CounterfactualInferer, SamplingHook
 from monai_cfx.inferers.counterfactual import _encode_mean
+from monai_cfx.networks.schedulers import ddim_invert
 from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
 
 SCALE = 0.7
@@ -114,6 +115,52 @@ class TestCounterfactualInferer(unittest.TestCase):
         torch.testing.assert_close(edited[outside], latent[outside], atol=1e-5, rtol=1e-5)
         self.assertGreater(float((edited[~outside] - latent[~outside]).abs().max()), 1e-3)
 
+    @parameterized.expand([["noise", "noise"], ["inversion", "inversion"]])
+    def test_region_blending_follows_the_input_at_every_step(self, _, start):
+        autoencoder, unet = tiny_networks(2)
+        images = images_like(2, size=16)
+        region = torch.zeros(2, 1, 16, 16)
+        region[:, :, 4:8, 4:8] = 1
+        num_steps, edit = 6, inferer(noise_strength=0.6, num_inference_steps=10, start=start, guidance_scale=3.0)
+        context, uncond = torch.randn(2, 3, CONTEXT_DIM), torch.randn(2, 3, CONTEXT_DIM)
+
+        class Record(SamplingHook):  # before_model of step i sees the blended sample of step i - 1
+            samples: list = []
+
+            def before_model(self, state):
+                Record.samples.append(state.sample.clone())
+
+        edit(images, unet, autoencoder, context, uncond, region_mask=region, seed=3, hooks=[Record()])
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        with torch.no_grad():
+            latent = _encode_mean(autoencoder, images) * SCALE
+            if start == "inversion":
+                _, path = ddim_invert(unet, scheduler, latent, 10, context=uncond, end_fraction=0.6,
+                                      return_trajectory=True, verbose=False)  # fmt: skip
+                expected = [path[num_steps - 1 - i] for i in range(num_steps - 1)]
+            else:
+                scheduler.set_timesteps(10)
+                noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+                levels = [int(t) - 10 for t in scheduler.timesteps[10 - num_steps :][:-1]]
+                expected = [scheduler.add_noise(latent, noise, torch.tensor([level])) for level in levels]
+        outside = torch.ones_like(latent, dtype=torch.bool)
+        outside[:, :, 2:4, 2:4] = False
+        self.assertEqual(len(Record.samples), num_steps)
+        for step, (seen, known) in enumerate(zip(Record.samples[1:], expected)):
+            torch.testing.assert_close(seen[outside], known[outside], atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+    def test_odd_padding_keeps_the_image_aligned(self):
+        autoencoder, unet = tiny_networks(2)
+        images = images_like(2, batch=1, size=13)  # padded to 16 for the factor-4 networks: 3 pixels
+        encoded, decoded = [], []
+        encode, decode = autoencoder.encode, autoencoder.decode_stage_2_outputs
+        autoencoder.encode = lambda x: (encoded.append(x), encode(x))[1]
+        autoencoder.decode_stage_2_outputs = lambda z: (decoded.append(decode(z)), decoded[-1])[1]
+        result = inferer(noise_strength=0.5, num_inference_steps=4)(images, unet, autoencoder, torch.randn(1, 3, 8))
+        self.assertEqual(tuple(encoded[0].shape[2:]), (16, 16))
+        torch.testing.assert_close(encoded[0][:, :, :13, :13], images)
+        torch.testing.assert_close(result, decoded[0][:, :, :13, :13])
+
     def test_meta_padding_and_3d(self):
         autoencoder, unet = tiny_networks(3)
         affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
@@ -160,6 +207,12 @@ class TestCounterfactualInferer(unittest.TestCase):
             inferer(start="sdedit")
         with self.assertRaisesRegex(ValueError, "DDIMScheduler"):
             CounterfactualInferer(DDPMScheduler(num_train_timesteps=100), start="inversion")
+        with self.assertRaisesRegex(ValueError, "DDIMScheduler or DDPMScheduler"):
+            CounterfactualInferer(PNDMScheduler(num_train_timesteps=100))
+        with self.assertRaisesRegex(ValueError, "num_inference_steps"):
+            inferer(num_inference_steps=True)
+        with self.assertRaisesRegex(ValueError, "inversion_fixed_point_iterations"):
+            inferer(inversion_fixed_point_iterations=-1)
         with self.assertRaisesRegex(ValueError, "inputs"):
             inferer()(images[0], unet, autoencoder, context)
 

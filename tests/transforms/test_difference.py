@@ -48,6 +48,17 @@ class TestDifferenceMap(unittest.TestCase):
         as_numpy = DifferenceMap()(self.image.numpy(), self.reference.numpy())
         self.assertIsInstance(as_numpy, np.ndarray)
 
+    def test_integer_images_give_float_maps(self):
+        image = torch.full((1, 4, 4), 10, dtype=torch.uint8)
+        reference = torch.full((1, 4, 4), 20, dtype=torch.uint8)
+        signed = DifferenceMap(mode="signed")(image, reference)
+        self.assertEqual(signed.dtype, torch.float32)
+        self.assertEqual(float(signed.max()), -10.0)
+        ct = np.full((1, 4, 4), 300, dtype=np.int16)
+        normalized = DifferenceMap(normalize=True)(ct, ct - np.int16(150) * (np.arange(16).reshape(1, 4, 4) % 2))
+        self.assertEqual(normalized.dtype, np.float32)
+        self.assertEqual(sorted(np.unique(normalized).tolist()), [0.0, 1.0])
+
     def test_dictionary_version(self):
         data = {"image": self.image, "pred": self.reference}
         out = DifferenceMapd("image", reference_key="pred", sigma=1.0)(data)
