@@ -8,17 +8,22 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Metrics that MONAI does not have: KID and counterfactual validity, proximity and localisation."""
+"""Metrics that MONAI does not have: KID, counterfactual validity, proximity and localisation, and the
+phrase-grounding measures (mIoU over thresholds, binned AUROC, CNR)."""
 
 from __future__ import annotations
 
 from .counterfactual import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
 from .feature_distance import KIDMetric, compute_kid
+from .grounding import compute_binned_auroc, compute_cnr, compute_miou
 
 __all__ = [
     "KIDMetric",
+    "compute_binned_auroc",
+    "compute_cnr",
     "compute_counterfactual_validity",
     "compute_kid",
     "compute_localization_auroc",
     "compute_masked_l1",
+    "compute_miou",
 ]
