@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 from .counterfactual import CounterfactualInferer, RegionBlendHook
+from .grounding import CrossAttentionGroundingInferer
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise
 
 __all__ = [
     "CounterfactualInferer",
+    "CrossAttentionGroundingInferer",
     "RegionBlendHook",
     "SamplingHook",
     "SamplingState",

@@ -1,0 +1,171 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Zero-shot phrase grounding from the cross-attention of a text-conditioned latent diffusion model
+(Vilouras et al. 2024, arXiv 2404.12920; reference code vios-s/ldm-phrase-grounding)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.networks.schedulers import DDIMScheduler
+from monai.transforms import GaussianSmooth
+from monai.utils import convert_to_dst_type
+
+from monai_cfx.networks.schedulers import ddim_invert
+from monai_cfx.transforms import OtsuThreshold
+from monai_cfx.utils import check_finite, check_option
+from monai_cfx.visualize import CrossAttentionRecorder
+
+from .counterfactual import _encode_mean
+
+__all__ = ["CrossAttentionGroundingInferer"]
+
+
+class CrossAttentionGroundingInferer(Inferer):
+    """Heat maps of where phrases of a prompt are in an image, read from the cross-attention of the UNet while
+    the image's latent is DDIM-inverted.
+
+    Every inversion step runs the UNet once on the batch ``[uncond, prompt]``; the unconditional branch drives the
+    inversion (``drive="uncond"``, as the reference code; ``"cond"`` drives with the prompt) and the conditional
+    branch is recorded by a :class:`~monai_cfx.visualize.CrossAttentionRecorder` during ``capture_window`` (a
+    fraction range of the inversion, default the middle 20 %) on the selected ``layers``. Each phrase's heat map
+    is the mean of its tokens' maps, resized to the image, smoothed (``sigma`` pixels), min-max normalised and
+    masked by Otsu's threshold. The inversion does not depend on the phrases, so any number of phrases of one
+    prompt cost one inversion.
+
+    Args:
+        scheduler: a MONAI ``DDIMScheduler``.
+        scale_factor: latent scaling of the diffusion model.
+        num_inference_steps: DDIM inversion steps (the reference uses 300).
+        capture_window: ``(start, end)`` fractions of the inversion steps to record.
+        layers: layer selection of the recorder (``"middle"``, ``"all"``, a level, name patterns).
+        drive: ``"uncond"`` or ``"cond"``: which branch drives the inversion.
+        sigma: Gaussian standard deviation in image pixels; 0 disables it.
+        otsu: multiply the heat map by its Otsu mask.
+        verbose: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        scheduler: DDIMScheduler,
+        scale_factor: float = 1.0,
+        num_inference_steps: int = 50,
+        capture_window: Sequence[float] = (0.4, 0.6),
+        layers: str | int | Sequence[str] = "middle",
+        drive: str = "uncond",
+        sigma: float = 2.5,
+        otsu: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(scheduler, DDIMScheduler):
+            raise ValueError(f"`scheduler` must be a MONAI DDIMScheduler, got {type(scheduler).__name__}.")
+        window = tuple(float(f) for f in capture_window)
+        if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+            raise ValueError(
+                f"`capture_window` must be (start, end) with 0 <= start < end <= 1, got {capture_window!r}."
+            )
+        if isinstance(sigma, bool) or not isinstance(sigma, Real) or sigma < 0:
+            raise ValueError(f"`sigma` must be a number >= 0, got {sigma!r}.")
+        self.scheduler = scheduler
+        self.scale_factor = float(scale_factor)
+        self.num_inference_steps = num_inference_steps
+        self.capture_window = window
+        self.layers = layers
+        self.drive = check_option("drive", drive, ("uncond", "cond"))
+        self.sigma = float(sigma)
+        self.otsu = otsu
+        self.verbose = verbose
+
+    def captured_steps(self) -> list[int]:
+        """Indices of the inversion steps whose attention is recorded (at least one)."""
+        start, end = self.capture_window
+        first = int(start * self.num_inference_steps)
+        last = max(first + 1, round(end * self.num_inference_steps))
+        return list(range(first, min(last, self.num_inference_steps)))
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        autoencoder_model: torch.nn.Module,
+        conditioning: torch.Tensor,
+        uncond_conditioning: torch.Tensor,
+        token_indices: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(heatmaps, masks)``, each ``(B, P, *spatial)`` for ``P`` phrases, with the input's meta data.
+
+        Args:
+            inputs: images ``(B, C, *spatial)`` in the autoencoder's range, 2D or 3D.
+            diffusion_model: a MONAI ``DiffusionModelUNet`` with cross-attention.
+            autoencoder_model: its autoencoder.
+            conditioning: the prompt's context ``(B or 1, L, D)`` (e.g. the report holding the phrases).
+            uncond_conditioning: the empty prompt's context, same shape.
+            token_indices: per phrase, its token positions within the prompt (``TextEncoder.phrase_token_indices``).
+        """
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim not in (4, 5):
+            raise ValueError(
+                f"`inputs` must be a (B, C, H, W) or (B, C, H, W, D) tensor, got {getattr(inputs, 'shape', inputs)}."
+            )
+        check_finite("inputs", inputs)
+        if isinstance(token_indices, (str, bytes)) or not token_indices or any(len(t) == 0 for t in token_indices):
+            raise ValueError(
+                f"`token_indices` must list at least one token position per phrase, got {token_indices!r}."
+            )
+        length = conditioning.shape[1]
+        if any(not 0 <= int(i) < length for phrase in token_indices for i in phrase):
+            raise ValueError(f"`token_indices` {token_indices!r} fall outside the prompt's {length} tokens.")
+        batch_size = inputs.shape[0]
+        conditioning = conditioning.expand(batch_size, *conditioning.shape[1:])
+        uncond_conditioning = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
+        captured = set(self.captured_steps())
+        recorder = CrossAttentionRecorder(diffusion_model, self.layers, batch_indices=range(batch_size, 2 * batch_size))
+
+        def next_step(step_index: int, *_: object) -> None:
+            recorder.recording = step_index + 1 in captured
+
+        with torch.no_grad():
+            latent = _encode_mean(autoencoder_model, torch.as_tensor(inputs)) * self.scale_factor
+            recorder.recording = 0 in captured
+            with recorder:
+                ddim_invert(
+                    diffusion_model,
+                    self.scheduler,
+                    latent,
+                    self.num_inference_steps,
+                    context=conditioning,
+                    uncond_context=uncond_conditioning,
+                    guidance_scale=0.0 if self.drive == "uncond" else 1.0,
+                    callback=next_step,
+                    verbose=self.verbose,
+                )
+            token_maps = recorder.maps()  # (B, L, *latent)
+        phrase_maps = torch.stack([token_maps[:, [int(i) for i in phrase]].mean(1) for phrase in token_indices], 1)
+        size = tuple(inputs.shape[2:])
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        heatmaps = F.interpolate(phrase_maps, size=size, mode=mode, align_corners=False)
+        if self.sigma > 0:
+            smooth = GaussianSmooth(self.sigma)
+            heatmaps = torch.stack([torch.as_tensor(smooth(h)) for h in heatmaps])
+        flat = heatmaps.flatten(2)
+        low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+        heatmaps = ((flat - low) / (high - low).clamp_min(1e-12)).view_as(heatmaps)
+        masks = torch.stack([torch.as_tensor(OtsuThreshold()(h)) for h in heatmaps.cpu()]).to(heatmaps.device)
+        if self.otsu:
+            heatmaps = heatmaps * masks
+        if isinstance(inputs, MetaTensor):
+            return convert_to_dst_type(heatmaps, inputs)[0], convert_to_dst_type(masks, inputs)[0]
+        return heatmaps, masks

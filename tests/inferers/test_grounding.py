@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import unittest
+
+import torch
+from monai.data import MetaTensor
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from parameterized import parameterized
+
+from monai_cfx.inferers import CrossAttentionGroundingInferer
+from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
+
+
+def grounding(**kwargs) -> CrossAttentionGroundingInferer:
+    kwargs.setdefault("num_inference_steps", 10)
+    return CrossAttentionGroundingInferer(DDIMScheduler(num_train_timesteps=100, clip_sample=False), 0.7, **kwargs)
+
+
+class CountCalls:
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+
+
+class TestCrossAttentionGroundingInferer(unittest.TestCase):
+    @parameterized.expand([["2d", 2], ["3d", 3]])
+    def test_heatmaps_masks_and_meta(self, _, spatial_dims):
+        autoencoder, unet = tiny_networks(spatial_dims)
+        affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0]))
+        images = MetaTensor(torch.rand((1, 1) + (8,) * spatial_dims), affine=affine)
+        context, uncond = torch.randn(1, 6, CONTEXT_DIM), torch.randn(1, 6, CONTEXT_DIM)
+        heatmaps, masks = grounding(sigma=1.0)(images, unet, autoencoder, context, uncond, [[1, 2], [4]])
+        self.assertEqual(tuple(heatmaps.shape), (1, 2) + (8,) * spatial_dims)
+        self.assertIsInstance(heatmaps, MetaTensor)
+        torch.testing.assert_close(heatmaps.affine, images.affine)
+        self.assertEqual(sorted(masks.unique().tolist()), [0.0, 1.0])
+        self.assertTrue(0.0 <= float(heatmaps.min()) and float(heatmaps.max()) <= 1.0)
+        self.assertEqual(float((heatmaps * (1 - masks)).abs().max()), 0.0)  # Otsu-masked
+        self.assertFalse(any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()))
+
+    def test_phrases_share_one_inversion(self):
+        autoencoder, unet = tiny_networks(2)
+        images = torch.rand(1, 1, 8, 8)
+        context, uncond = torch.randn(1, 6, CONTEXT_DIM), torch.randn(1, 6, CONTEXT_DIM)
+        counter = CountCalls(unet)
+        one, _ = grounding(otsu=False)(images, unet, autoencoder, context, uncond, [[1]])
+        calls_for_one = counter.calls
+        many, _ = grounding(otsu=False)(images, unet, autoencoder, context, uncond, [[1], [2], [3], [1, 2]] * 2)
+        counter.handle.remove()
+        self.assertEqual(calls_for_one, 10)  # one batched [uncond, cond] call per inversion step
+        self.assertEqual(counter.calls - calls_for_one, 10)
+        torch.testing.assert_close(many[:, :1], one)
+
+    def test_capture_window(self):
+        self.assertEqual(grounding(num_inference_steps=50).captured_steps(), list(range(20, 30)))
+        self.assertEqual(grounding(num_inference_steps=10, capture_window=(0.0, 0.05)).captured_steps(), [0])
+
+    def test_bad_input(self):
+        autoencoder, unet = tiny_networks(2)
+        images, context = torch.rand(1, 1, 8, 8), torch.randn(1, 6, CONTEXT_DIM)
+        with self.assertRaisesRegex(ValueError, "token_indices"):
+            grounding()(images, unet, autoencoder, context, context, [[7]])
+        with self.assertRaisesRegex(ValueError, "token_indices"):
+            grounding()(images, unet, autoencoder, context, context, [[]])
+        with self.assertRaisesRegex(ValueError, "capture_window"):
+            grounding(capture_window=(0.6, 0.4))
+        with self.assertRaisesRegex(ValueError, "DDIMScheduler"):
+            CrossAttentionGroundingInferer(DDPMScheduler(num_train_timesteps=100))
+        with self.assertRaisesRegex(ValueError, "drive"):
+            grounding(drive="both")
+        self.assertFalse(any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()))
+
+
+if __name__ == "__main__":
+    unittest.main()
