@@ -8,11 +8,18 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers for MONAI evaluators: counterfactual saving and metrics, feature distances."""
+"""Ignite handlers for MONAI evaluators: counterfactual saving and metrics, feature distances, grounding metrics."""
 
 from __future__ import annotations
 
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
 from .feature_distance import FeatureDistanceHandler
+from .grounding import GroundingMetricsHandler
 
-__all__ = ["CounterfactualMetricsHandler", "CounterfactualSaver", "FeatureDistanceHandler", "iterate_items"]
+__all__ = [
+    "CounterfactualMetricsHandler",
+    "CounterfactualSaver",
+    "FeatureDistanceHandler",
+    "GroundingMetricsHandler",
+    "iterate_items",
+]

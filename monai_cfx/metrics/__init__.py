@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from .counterfactual import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
 from .feature_distance import KIDMetric, compute_kid
-from .grounding import compute_binned_auroc, compute_cnr, compute_miou
+from .grounding import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
 
 __all__ = [
+    "GroundingMetric",
     "KIDMetric",
     "compute_binned_auroc",
     "compute_cnr",

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
+from monai.metrics import CumulativeIterationMetric, compute_roc_auc
 
-__all__ = ["compute_binned_auroc", "compute_cnr", "compute_miou"]
+__all__ = ["GroundingMetric", "compute_binned_auroc", "compute_cnr", "compute_miou"]
 
 MIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -100,3 +101,82 @@ def compute_cnr(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         spread = (inside.var(unbiased=False) + outside.var(unbiased=False)).sqrt()
         values.append(float((inside.mean() - outside.mean()).abs() / spread.clamp_min(1e-12)))
     return torch.tensor(values)
+
+
+_MEASURES = ("miou", "auroc", "auroc_binned", "cnr")
+
+
+class GroundingMetric(CumulativeIterationMetric):
+    """Phrase-grounding quality accumulated over a run, per box and macro-averaged per finding class.
+
+    ``metric(heatmaps, masks, classes=[...])`` takes ``(N, 1, *spatial)`` heat maps in [0, 1] and ground-truth
+    masks (one per box or phrase) with each one's finding class, and returns ``(N, 5)``: mIoU, exact AUROC,
+    binned AUROC, CNR and the class index. :meth:`aggregate` gives, for every class, the means over its boxes
+    and their count, then ``"macro"`` (the mean of the class means) and ``"all"`` (the mean over all boxes).
+    Undefined values (empty or full masks) are skipped. Values sync across ranks like MONAI's metrics.
+
+    Args:
+        class_names: the finding classes; ``classes`` may hold names or indices.
+        num_thresholds: bins of the binned AUROC (5 as in published grounding results).
+        miou_thresholds: thresholds of the mIoU.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        num_thresholds: int = 5,
+        miou_thresholds: Sequence[float] = MIOU_THRESHOLDS,
+    ) -> None:
+        super().__init__()
+        if isinstance(class_names, str) or not class_names:
+            raise ValueError(f"`class_names` must be a non-empty list of names, got {class_names!r}.")
+        self.class_names = list(class_names)
+        self.num_thresholds = num_thresholds
+        self.miou_thresholds = tuple(miou_thresholds)
+
+    def _class_index(self, value: str | int) -> int:
+        if isinstance(value, str):
+            if value not in self.class_names:
+                raise ValueError(f"class {value!r} is not one of `class_names` {self.class_names}.")
+            return self.class_names.index(value)
+        if not 0 <= int(value) < len(self.class_names):
+            raise ValueError(f"class index {value!r} is outside `class_names` {self.class_names}.")
+        return int(value)
+
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor, classes: Sequence[str | int] | None = None
+    ) -> torch.Tensor:
+        if classes is None or len(classes) != y_pred.shape[0]:
+            raise ValueError(
+                f"`classes` must give one finding class per heat map ({y_pred.shape[0]}), got {classes!r}."
+            )
+        values = [
+            compute_miou(y_pred, y, self.miou_thresholds),
+            compute_binned_auroc(y_pred, y, None),
+            compute_binned_auroc(y_pred, y, self.num_thresholds),
+            compute_cnr(y_pred, y),
+            torch.tensor([float(self._class_index(c)) for c in classes]),
+        ]
+        return torch.stack(values, 1).to(y_pred.device)
+
+    def aggregate(self) -> dict[str, dict[str, float]]:  # type: ignore[override]
+        buffer = self.get_buffer()
+        if not isinstance(buffer, torch.Tensor) or buffer.numel() == 0:
+            raise RuntimeError("nothing was accumulated: call the metric on heat maps first.")
+        buffer = buffer.double().cpu()
+        result: dict[str, dict[str, float]] = {}
+
+        def means(rows: torch.Tensor) -> dict[str, float]:
+            summary = {name: float(torch.nanmean(rows[:, k])) for k, name in enumerate(_MEASURES)}
+            summary["count"] = int(len(rows))
+            return summary
+
+        for index, name in enumerate(self.class_names):
+            rows = buffer[buffer[:, 4] == index]
+            if len(rows):
+                result[name] = means(rows)
+        class_means = [result[n] for n in self.class_names if n in result]
+        result["macro"] = {m: float(np.nanmean([c[m] for c in class_means])) for m in _MEASURES}
+        result["macro"]["count"] = len(class_means)
+        result["all"] = means(buffer)
+        return result

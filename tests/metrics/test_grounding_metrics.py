@@ -5,7 +5,7 @@ import unittest
 
 import torch
 
-from monai_cfx.metrics import compute_binned_auroc, compute_cnr, compute_miou
+from monai_cfx.metrics import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
 
 
 def box_mask(batch=1, size=8):
@@ -51,6 +51,56 @@ class TestGroundingMetrics(unittest.TestCase):
             compute_cnr(torch.rand(1, 1, 8, 8), torch.zeros(1, 1, 4, 4))
         with self.assertRaisesRegex(ValueError, "num_thresholds"):
             compute_binned_auroc(box_mask(), box_mask(), num_thresholds=1)
+
+
+class TestGroundingMetric(unittest.TestCase):
+    def test_per_class_macro_and_all(self):
+        metric = GroundingMetric(["opacity", "effusion", "nodule"])
+        mask = box_mask(3)
+        perfect, inverted = mask.clone(), 1 - mask
+        metric(perfect[:2], mask[:2], classes=["opacity", "opacity"])
+        metric(inverted[:1], mask[:1], classes=[1])
+        result = metric.aggregate()
+        self.assertEqual(set(result), {"opacity", "effusion", "macro", "all"})  # no nodule seen
+        self.assertEqual(result["opacity"]["count"], 2)
+        self.assertEqual(result["opacity"]["auroc"], 1.0)
+        self.assertEqual(result["effusion"]["auroc"], 0.0)
+        self.assertAlmostEqual(result["macro"]["auroc"], 0.5)  # mean of class means
+        self.assertAlmostEqual(result["all"]["auroc"], 2 / 3)  # mean over boxes
+        self.assertEqual(result["macro"]["count"], 2)
+        metric.reset()
+        with self.assertRaisesRegex(RuntimeError, "nothing was accumulated"):
+            metric.aggregate()
+
+    def test_bad_classes(self):
+        metric = GroundingMetric(["opacity"])
+        with self.assertRaisesRegex(ValueError, "one finding class per heat map"):
+            metric(box_mask(2), box_mask(2), classes=["opacity"])
+        with self.assertRaisesRegex(ValueError, "not one of `class_names`"):
+            metric(box_mask(1), box_mask(1), classes=["lesion"])
+
+
+class TestGroundingMetricsHandler(unittest.TestCase):
+    def test_items_with_several_phrases(self):
+        from types import SimpleNamespace
+
+        from monai_cfx.handlers import GroundingMetricsHandler
+
+        mask = box_mask(1)[0]  # (1, 8, 8)
+        item = {
+            "heatmap": torch.cat([mask, 1 - mask]),
+            "phrase_mask": torch.cat([mask, mask]),
+            "phrase_class": ["a", "b"],
+        }
+        engine = SimpleNamespace(state=SimpleNamespace(batch=[{}], output=[item], metrics={}))
+        handler = GroundingMetricsHandler(["a", "b"])
+        handler._started(engine)
+        handler(engine)
+        handler._completed(engine)
+        self.assertEqual(engine.state.metrics["grounding"]["a"]["miou"], 1.0)
+        self.assertEqual(engine.state.metrics["grounding"]["b"]["auroc"], 0.0)
+        with self.assertRaisesRegex(ValueError, "phrase_class"):
+            handler(SimpleNamespace(state=SimpleNamespace(batch=[{}], output=[{"heatmap": mask, "phrase_mask": mask}])))
 
 
 if __name__ == "__main__":
