@@ -24,7 +24,7 @@ from monai.metrics import FIDMetric
 from monai.metrics.rocauc import compute_roc_auc
 
 from monai_cfx.data import generate_phantom
-from monai_cfx.inferers import TextGuidedLatentDiffusionInferer
+from monai_cfx.inferers import TextGuidedLatentDiffusionInferer, seeded_noise
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
 __all__ = [
@@ -68,12 +68,7 @@ def generate_images(
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start : start + batch_size])
-        noise = torch.stack(
-            [
-                torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(s)))
-                for s in seeds[start : start + batch_size]
-            ]
-        ).to(device)
+        noise = seeded_noise(latent_shape, seeds[start : start + batch_size], device=device)
         with torch.no_grad():
             context = text_encoder(batch_prompts).to(device)
             uncond = text_encoder.null_context(len(batch_prompts)).to(device)

@@ -235,9 +235,9 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     saved by its ``CounterfactualSaver``, and measured against the phantoms' healthy twins."""
     import torch
     from monai.data import MetaTensor
-    from monai.metrics import compute_roc_auc
 
     from monai_cfx.handlers import CounterfactualSaver
+    from monai_cfx.metrics import compute_localization_auroc, compute_masked_l1
 
     configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     parser = load_bundle_config(default_bundle_dir("counterfactual"), configs, device=torch.device("cpu"))
@@ -263,18 +263,19 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
         saver.save_item(item)
         before, _ = oracle_predict(oracle, image.as_tensor())
         after, _ = oracle_predict(oracle, counterfactual.as_tensor()[None])
-        healthy, mask = torch.from_numpy(subject["healthy"]), torch.from_numpy(subject["mask"]) > 0.5
-        distance = (counterfactual.as_tensor() - healthy).abs()
+        # batch-first tensors for the metrics: counterfactual, input, twin and finding mask
+        result, source = counterfactual.as_tensor()[None], image.as_tensor()
+        healthy, mask = torch.from_numpy(subject["healthy"])[None], torch.from_numpy(subject["mask"])[None]
         examples.append(
             {
                 "title": title,
                 "report": subject["report"],
                 "finding_probability_before": dict(zip(label_names, [round(p, 4) for p in before[0].tolist()])),
                 "finding_probability_after": dict(zip(label_names, [round(p, 4) for p in after[0].tolist()])),
-                "localization_auroc": round(float(compute_roc_auc(item["difference"].flatten(), mask.flatten())), 4),
-                "twin_l1_inside": round(float(distance[mask].mean()), 4),
-                "twin_l1_outside": round(float(distance[~mask].mean()), 4),
-                "input_twin_l1_inside": round(float((image[0].as_tensor() - healthy).abs()[mask].mean()), 4),
+                "localization_auroc": round(float(compute_localization_auroc(item["difference"][None], mask)[0]), 4),
+                "twin_l1_inside": round(float(compute_masked_l1(result, healthy, mask, "inside")[0]), 4),
+                "twin_l1_outside": round(float(compute_masked_l1(result, healthy, mask, "outside")[0]), 4),
+                "input_twin_l1_inside": round(float(compute_masked_l1(source, healthy, mask, "inside")[0]), 4),
                 "arrays": (subject["image"][0], counterfactual.numpy()[0], item["difference"].numpy()[0],
                            subject["image"][0] - subject["healthy"][0]),
             }

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .counterfactual import CounterfactualInferer, RegionBlendHook
 from .grounding import CrossAttentionGroundingInferer
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
-from .sampling import SamplingHook, SamplingState, denoise
+from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
 
 __all__ = [
     "CounterfactualInferer",
@@ -25,4 +25,5 @@ __all__ = [
     "SamplingState",
     "TextGuidedLatentDiffusionInferer",
     "denoise",
+    "seeded_noise",
 ]

@@ -34,7 +34,7 @@ from monai.utils import convert_to_dst_type
 from monai_cfx.networks.schedulers import ddim_invert
 from monai_cfx.utils import check_finite, check_option
 
-from .sampling import SamplingHook, SamplingState, denoise
+from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
 
 __all__ = ["CounterfactualInferer", "RegionBlendHook"]
 
@@ -336,11 +336,7 @@ class CounterfactualInferer(Inferer):
         if isinstance(seed, Sequence):
             if len(seed) != latent.shape[0]:
                 raise ValueError(f"`seed` must be one int or one per image ({latent.shape[0]}), got {len(seed)} seeds.")
-            noise = [
-                torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(int(s)), dtype=latent.dtype)
-                for s in seed
-            ]
-            return torch.stack(noise).to(latent.device)
+            return seeded_noise(latent.shape[1:], seed, latent.dtype, latent.device)
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randn(latent.shape, generator=generator, dtype=latent.dtype).to(latent.device)
 

@@ -29,7 +29,19 @@ from monai_cfx.utils import check_finite
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["SamplingHook", "SamplingState", "denoise"]
+__all__ = ["SamplingHook", "SamplingState", "denoise", "seeded_noise"]
+
+
+def seeded_noise(
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Standard normal noise ``(len(seeds), *shape)``, item ``i`` drawn from its own CPU generator seeded with
+    ``seeds[i]``: the same on every device and whatever batch the item is in."""
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    return torch.stack(noise).to(device)
 
 
 @dataclass

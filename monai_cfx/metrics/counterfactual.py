@@ -18,9 +18,10 @@ give NaN, which ``torch.nanmean`` skips.
 from __future__ import annotations
 
 import torch
-from monai.metrics import compute_roc_auc
 
 from monai_cfx.utils import check_option
+
+from .grounding import compute_binned_auroc
 
 __all__ = ["compute_counterfactual_validity", "compute_localization_auroc", "compute_masked_l1"]
 
@@ -96,11 +97,4 @@ def compute_localization_auroc(difference: torch.Tensor, mask: torch.Tensor) -> 
     Returns:
         ``(B,)`` AUROC per image; NaN for images whose mask is empty or full.
     """
-    _check_same_shape(difference=difference, mask=mask)
-    values = []
-    for scores, target in zip(difference.flatten(1).float(), (mask > 0.5).flatten(1).float()):
-        if 0 < target.sum() < target.numel():
-            values.append(float(compute_roc_auc(scores.cpu(), target.cpu())))
-        else:
-            values.append(float("nan"))
-    return torch.tensor(values)
+    return compute_binned_auroc(difference, mask, num_thresholds=None)

@@ -17,27 +17,31 @@ mask is empty or full, so the measure is undefined).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric, compute_roc_auc
 
-__all__ = ["GroundingMetric", "compute_binned_auroc", "compute_cnr", "compute_miou"]
+__all__ = ["GroundingMetric", "compute_binned_auroc", "compute_cnr", "compute_miou", "per_image_map_measure"]
 
 MIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def _pairs(heatmap: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+def per_image_map_measure(
+    heatmap: torch.Tensor, mask: torch.Tensor, measure: Callable[[torch.Tensor, torch.Tensor], float]
+) -> torch.Tensor:
+    """``measure(scores, inside)`` of each image's flattened map and boolean mask, NaN where the mask is empty
+    or full (no region to find, or nothing outside it)."""
     if heatmap.shape != mask.shape or heatmap.ndim < 3:
         raise ValueError(
             f"`heatmap` and `mask` must have the same (B, 1, *spatial) shape, got {tuple(heatmap.shape)} and "
             f"{tuple(mask.shape)}."
         )
-    pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    values = []
     for scores, target in zip(heatmap.flatten(1).float().cpu(), (mask > 0.5).flatten(1).cpu()):
-        pairs.append((scores, target) if 0 < int(target.sum()) < target.numel() else None)
-    return pairs
+        values.append(measure(scores, target) if 0 < int(target.sum()) < target.numel() else float("nan"))
+    return torch.tensor(values)
 
 
 def compute_miou(
@@ -47,19 +51,16 @@ def compute_miou(
 
     The heat map is expected in [0, 1] (min-max normalised), as the thresholds are absolute.
     """
-    values = []
-    for pair in _pairs(heatmap, mask):
-        if pair is None:
-            values.append(float("nan"))
-            continue
-        scores, target = pair
+
+    def miou(scores: torch.Tensor, target: torch.Tensor) -> float:
         ious = []
         for threshold in thresholds:
             predicted = scores > threshold
             union = (predicted | target).sum()
             ious.append(float((predicted & target).sum() / union) if union > 0 else 0.0)
-        values.append(sum(ious) / len(ious))
-    return torch.tensor(values)
+        return sum(ious) / len(ious)
+
+    return per_image_map_measure(heatmap, mask, miou)
 
 
 def compute_binned_auroc(heatmap: torch.Tensor, mask: torch.Tensor, num_thresholds: int | None = 5) -> torch.Tensor:
@@ -72,35 +73,29 @@ def compute_binned_auroc(heatmap: torch.Tensor, mask: torch.Tensor, num_threshol
     """
     if num_thresholds is not None and (not isinstance(num_thresholds, int) or num_thresholds < 2):
         raise ValueError(f"`num_thresholds` must be None or an int >= 2, got {num_thresholds!r}.")
-    values = []
-    for pair in _pairs(heatmap, mask):
-        if pair is None:
-            values.append(float("nan"))
-        elif num_thresholds is None:
-            values.append(float(compute_roc_auc(pair[0], pair[1].float())))
-        else:
-            scores, target = pair
-            thresholds = torch.linspace(0, 1, num_thresholds)
-            tpr = torch.stack([(scores[target] >= t).float().mean() for t in thresholds])
-            fpr = torch.stack([(scores[~target] >= t).float().mean() for t in thresholds])
-            # thresholds rise, so the points run from (1, 1) down; close the curve at (0, 0)
-            tpr, fpr = torch.cat([tpr, torch.zeros(1)]).flip(0), torch.cat([fpr, torch.zeros(1)]).flip(0)
-            values.append(float(torch.trapezoid(tpr, fpr)))
-    return torch.tensor(values)
+
+    def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
+        if num_thresholds is None:
+            return float(compute_roc_auc(scores, target.float()))
+        thresholds = torch.linspace(0, 1, num_thresholds)
+        tpr = torch.stack([(scores[target] >= t).float().mean() for t in thresholds])
+        fpr = torch.stack([(scores[~target] >= t).float().mean() for t in thresholds])
+        # thresholds rise, so the points run from (1, 1) down; close the curve at (0, 0)
+        tpr, fpr = torch.cat([tpr, torch.zeros(1)]).flip(0), torch.cat([fpr, torch.zeros(1)]).flip(0)
+        return float(torch.trapezoid(tpr, fpr))
+
+    return per_image_map_measure(heatmap, mask, auroc)
 
 
 def compute_cnr(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the heat map, per image."""
-    values = []
-    for pair in _pairs(heatmap, mask):
-        if pair is None:
-            values.append(float("nan"))
-            continue
-        scores, target = pair
+
+    def cnr(scores: torch.Tensor, target: torch.Tensor) -> float:
         inside, outside = scores[target], scores[~target]
         spread = (inside.var(unbiased=False) + outside.var(unbiased=False)).sqrt()
-        values.append(float((inside.mean() - outside.mean()).abs() / spread.clamp_min(1e-12)))
-    return torch.tensor(values)
+        return float((inside.mean() - outside.mean()).abs() / spread.clamp_min(1e-12))
+
+    return per_image_map_measure(heatmap, mask, cnr)
 
 
 _MEASURES = ("miou", "auroc", "auroc_binned", "cnr")

@@ -37,6 +37,16 @@ __all__ = [
 DIFFERENCE_MODES = ("signed", "absolute")
 
 
+def _output_keys(
+    keys: Sequence[Hashable], output_keys: KeysCollection | None, default: Sequence[Hashable]
+) -> tuple[Hashable, ...]:
+    """One output key per input key: ``output_keys`` if given, else ``default``."""
+    resolved = tuple(default) if output_keys is None else ensure_tuple(output_keys)
+    if len(resolved) != len(keys):
+        raise ValueError(f"`output_keys` must name one output per key ({len(keys)}), got {len(resolved)}.")
+    return resolved
+
+
 class DifferenceMap(Transform):
     """``image - reference`` (signed) or its magnitude (absolute), optionally smoothed, masked and normalised.
 
@@ -128,13 +138,8 @@ class DifferenceMapd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if output_keys is None:
-            output_keys = ("difference",) if len(self.keys) == 1 else tuple(f"{k}_difference" for k in self.keys)
-        self.output_keys = ensure_tuple(output_keys)
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError(
-                f"`output_keys` must name one output per key ({len(self.keys)}), got {len(self.output_keys)}."
-            )
+        default = ("difference",) if len(self.keys) == 1 else tuple(f"{k}_difference" for k in self.keys)
+        self.output_keys = _output_keys(self.keys, output_keys, default)
         self.reference_key = reference_key
         self.mask_key = mask_key
         self.difference = DifferenceMap(mode=mode, sigma=sigma, normalize=normalize)
@@ -229,13 +234,7 @@ class OtsuThresholdd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.output_keys: Sequence[Hashable] = (
-            tuple(f"{k}_otsu" for k in self.keys) if output_keys is None else ensure_tuple(output_keys)
-        )
-        if len(self.output_keys) != len(self.keys):
-            raise ValueError(
-                f"`output_keys` must name one output per key ({len(self.keys)}), got {len(self.output_keys)}."
-            )
+        self.output_keys = _output_keys(self.keys, output_keys, tuple(f"{k}_otsu" for k in self.keys))
         self.threshold = OtsuThreshold(classes=classes, nbins=nbins, return_labels=return_labels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
