@@ -11,6 +11,6 @@
 
 from __future__ import annotations
 
-from .inversion import ddim_inversion_step, ddim_invert, inversion_timesteps
+from .inversion import TIMESTEP_SPACINGS, ddim_inversion_step, ddim_invert, inversion_timesteps, set_timestep_spacing
 
-__all__ = ["ddim_inversion_step", "ddim_invert", "inversion_timesteps"]
+__all__ = ["TIMESTEP_SPACINGS", "ddim_inversion_step", "ddim_invert", "inversion_timesteps", "set_timestep_spacing"]

@@ -34,7 +34,11 @@ from monai_cfx.utils import check_finite, check_option
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["ddim_inversion_step", "ddim_invert", "inversion_timesteps"]
+__all__ = ["TIMESTEP_SPACINGS", "ddim_inversion_step", "ddim_invert", "inversion_timesteps", "set_timestep_spacing"]
+
+# "linspace" is MONAI's DDIMScheduler.set_timesteps; "leading" and "trailing" as in diffusers (Lin et al. 2024,
+# table 2). monai-generative's DDIMScheduler, used by published MONAI work, spaced "leading".
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 InversionCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -65,11 +69,42 @@ def _check_end_fraction(end_fraction: object) -> float:
     return float(end_fraction)
 
 
+def set_timestep_spacing(
+    scheduler: DDIMScheduler,
+    num_inference_steps: int,
+    spacing: str = "linspace",
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Call ``scheduler.set_timesteps(num_inference_steps)`` and space its (descending) timesteps by ``spacing``.
+
+    ``"linspace"`` keeps MONAI's ``linspace(T - 1, 0, N)``; ``"leading"`` is ``arange(N) * (T // N)``
+    (``980, ..., 20, 0`` for 50 of 1000); ``"trailing"`` is ``T - 1 - arange(N) * (T // N)`` (``999, ..., 19``),
+    which reaches the last training level. ``scheduler.steps_offset`` is added to ``"leading"`` as MONAI does.
+    MONAI's ``step`` takes the previous level as ``t - T // N``, which the leading and trailing spacings match
+    exactly.
+
+    Returns:
+        ``scheduler.timesteps``.
+    """
+    scheduler = _check_scheduler(scheduler)
+    num_inference_steps = _check_num_inference_steps(scheduler, num_inference_steps)
+    check_option("spacing", spacing, TIMESTEP_SPACINGS)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    step_ratio = scheduler.num_train_timesteps // num_inference_steps
+    indices = torch.arange(num_inference_steps - 1, -1, -1, device=scheduler.timesteps.device) * step_ratio
+    if spacing == "leading":
+        scheduler.timesteps = indices + scheduler.steps_offset
+    elif spacing == "trailing":
+        scheduler.timesteps = scheduler.num_train_timesteps - 1 - indices.flip(0)
+    return scheduler.timesteps
+
+
 def inversion_timesteps(
     scheduler: DDIMScheduler,
     num_inference_steps: int,
     end_fraction: float = 1.0,
     device: str | torch.device | None = None,
+    spacing: str = "linspace",
 ) -> torch.Tensor:
     """Set ``scheduler`` to ``num_inference_steps`` steps and return the ascending timesteps that inversion visits.
 
@@ -84,6 +119,7 @@ def inversion_timesteps(
         num_inference_steps: number of DDIM steps of the full schedule, in ``[1, num_train_timesteps]``.
         end_fraction: fraction of the schedule to invert, in ``(0, 1]``; 1 goes all the way to noise.
         device: device for the returned timesteps (and ``scheduler.timesteps``).
+        spacing: ``"linspace"`` (MONAI's), ``"leading"`` or ``"trailing"``; see :func:`set_timestep_spacing`.
 
     Returns:
         Long tensor of the ``k`` ascending timesteps.
@@ -93,10 +129,8 @@ def inversion_timesteps(
         timesteps = inversion_timesteps(scheduler, 50, end_fraction=0.3)  # 15 steps: 0, 20, ..., 285
         back = scheduler.timesteps[50 - len(timesteps):]  # the matching sampling steps: 285, ..., 0
     """
-    scheduler = _check_scheduler(scheduler)
-    num_inference_steps = _check_num_inference_steps(scheduler, num_inference_steps)
     end_fraction = _check_end_fraction(end_fraction)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    set_timestep_spacing(scheduler, num_inference_steps, spacing, device)
     num_steps = max(1, round(end_fraction * num_inference_steps))
     return scheduler.timesteps.flip(0)[:num_steps]
 
@@ -242,6 +276,7 @@ def ddim_invert(
     return_trajectory: bool = False,
     verbose: bool = True,
     fixed_point_iterations: int = 0,
+    timestep_spacing: str = "linspace",
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Invert deterministic DDIM sampling: map ``latent`` to the noise that DDIM sampling maps back to it.
 
@@ -277,6 +312,8 @@ def ddim_invert(
             by fixed-point iteration (as in Pan et al. 2023, "Effective real image editing with accelerated
             iterative diffusion inversion"), removing the one-level-early approximation: each iteration costs one
             more model call per step and shrinks the round-trip error. 0 is plain DDIM inversion.
+        timestep_spacing: ``"linspace"`` (MONAI's), ``"leading"`` or ``"trailing"`` (:func:`set_timestep_spacing`);
+            sampling back must use the same schedule, which this call leaves on ``scheduler``.
 
     Returns:
         The inverted latent, or ``(inverted_latent, trajectory)`` when ``return_trajectory`` is True.
@@ -311,7 +348,9 @@ def ddim_invert(
     if not isinstance(fixed_point_iterations, Integral) or fixed_point_iterations < 0:
         raise ValueError(f"`fixed_point_iterations` must be an int >= 0, got {fixed_point_iterations!r}.")
     # scheduler.timesteps stay on the CPU (MONAI's default), where step() indexes alphas_cumprod with them
-    timesteps: Sequence[int] = inversion_timesteps(scheduler, num_inference_steps, end_fraction).tolist()
+    timesteps: Sequence[int] = inversion_timesteps(
+        scheduler, num_inference_steps, end_fraction, spacing=timestep_spacing
+    ).tolist()
 
     batch_size = latent.shape[0]
     guided = uncond_context is not None

@@ -19,7 +19,12 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from parameterized import parameterized
 
-from monai_cfx.networks.schedulers import ddim_inversion_step, ddim_invert, inversion_timesteps
+from monai_cfx.networks.schedulers import (
+    ddim_inversion_step,
+    ddim_invert,
+    inversion_timesteps,
+    set_timestep_spacing,
+)
 
 SHAPE_2D = (1, 2, 16, 16)
 SHAPE_3D = (1, 2, 8, 8, 8)
@@ -211,6 +216,28 @@ class TestInversionTimesteps(unittest.TestCase):
         self.assertEqual(len(partial), 15)
         torch.testing.assert_close(partial, scheduler.timesteps[50 - 15 :].flip(0))
         self.assertEqual(len(inversion_timesteps(scheduler, 10, end_fraction=0.01)), 1)
+
+    def test_spacings(self):
+        scheduler = DDIMScheduler()
+        self.assertEqual(set_timestep_spacing(scheduler, 50, "leading")[[0, 1, -1]].tolist(), [980, 960, 0])
+        self.assertEqual(set_timestep_spacing(scheduler, 50, "trailing")[[0, 1, -1]].tolist(), [999, 979, 19])
+        monai_default = DDIMScheduler()
+        monai_default.set_timesteps(50)
+        self.assertEqual(set_timestep_spacing(scheduler, 50, "linspace").tolist(), monai_default.timesteps.tolist())
+        self.assertEqual(inversion_timesteps(scheduler, 10, spacing="trailing").tolist(), list(range(99, 1000, 100)))
+        with self.assertRaisesRegex(ValueError, "spacing"):
+            set_timestep_spacing(scheduler, 50, "uniform")
+
+    @parameterized.expand([["leading"], ["trailing"]])
+    def test_round_trip_with_spacing(self, spacing):
+        latent = data_sample(SHAPE_2D)
+        scheduler = DDIMScheduler(clip_sample=False)
+        model = GaussianDenoiser(scheduler)
+        noise = ddim_invert(model, scheduler, latent, 100, verbose=False, timestep_spacing=spacing)
+        # the schedule left on the scheduler is the one the inversion used: sampling back reconstructs
+        self.assertEqual(int(scheduler.timesteps[0]), 990 if spacing == "leading" else 999)
+        reconstruction = sample_back(model, scheduler, noise, scheduler.timesteps)
+        self.assertLess(relative_error(reconstruction, latent), ROUND_TRIP_TOLERANCE[("epsilon", 100)])
 
 
 class TestDDIMInvert(unittest.TestCase):
