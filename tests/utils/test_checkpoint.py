@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from monai_cfx.utils import load_weights
+
+
+def unet(attention_levels=(False, True)) -> DiffusionModelUNet:
+    torch.manual_seed(0)
+    return DiffusionModelUNet(2, 1, 1, channels=(8, 8), attention_levels=attention_levels, num_res_blocks=1,
+        norm_num_groups=8, num_head_channels=8, with_conditioning=True, cross_attention_dim=4)  # fmt: skip
+
+
+class TestLoadWeights(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = Path(self.tmp.name) / "unet.pt"
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_growing_a_network_keeps_its_output(self):
+        small = unet().eval()
+        torch.save(small.state_dict(), self.path)
+        with self.assertRaisesRegex(ValueError, "missing keys"):
+            load_weights(unet((True, True)), self.path)
+        grown = load_weights(unet((True, True)), self.path, strict=False).eval()
+        x, t, c = torch.randn(1, 1, 8, 8), torch.tensor([3]), torch.randn(1, 2, 4)
+        with torch.no_grad():  # MONAI zero-initialises the new attention's output projection
+            torch.testing.assert_close(grown(x, t, c), small(x, t, c))
+        torch.save(unet((True, True)).state_dict(), self.path)
+        with self.assertRaisesRegex(ValueError, "unexpected keys"):  # never drops trained tensors
+            load_weights(unet(), self.path, strict=False)
+
+    def test_monai_generative_checkpoint(self):
+        reference = unet().eval()
+        old = {}
+        for key, value in reference.state_dict().items():
+            if "transformer_blocks" in key and ".out_proj." in key:
+                key = key.replace(".out_proj.", ".to_out.0.")
+            old[key.replace("postconv", "conv")] = value
+        self.assertNotEqual(set(old), set(reference.state_dict()))
+        torch.save(old, self.path)
+        with self.assertRaisesRegex(ValueError, "does not fit"):
+            load_weights(unet(), self.path)
+        loaded = load_weights(DiffusionModelUNet(2, 1, 1, channels=(8, 8), attention_levels=(False, True),
+            num_res_blocks=1, norm_num_groups=8, num_head_channels=8, with_conditioning=True,
+            cross_attention_dim=4), self.path, legacy_keys=True)  # fmt: skip
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value)
+        with self.assertRaisesRegex(ValueError, "monai-generative"):
+            load_weights(unet((True, True)), self.path, legacy_keys=True)
+        with self.assertRaisesRegex(ValueError, "load_old_state_dict"):
+            load_weights(torch.nn.Linear(2, 2), self.path, legacy_keys=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
