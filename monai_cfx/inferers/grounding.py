@@ -22,9 +22,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
 from monai.transforms import GaussianSmooth
-from monai.utils import convert_to_dst_type
 
-from monai_cfx.networks.schedulers import ddim_invert
+from monai_cfx.networks.schedulers import TIMESTEP_SPACINGS, ddim_invert
 from monai_cfx.transforms import OtsuThreshold
 from monai_cfx.utils import check_finite, check_option
 from monai_cfx.visualize import CrossAttentionRecorder
@@ -34,6 +33,13 @@ from .counterfactual import _encode_mean
 __all__ = ["CrossAttentionGroundingInferer"]
 
 
+def _with_meta_of(inputs: MetaTensor, result: torch.Tensor) -> MetaTensor:
+    """``result`` as a MetaTensor carrying the input batch's meta data (affine, file names)."""
+    output = MetaTensor(result)
+    output.copy_meta_from(inputs, copy_attr=True)
+    return output
+
+
 class CrossAttentionGroundingInferer(Inferer):
     """Heat maps of where phrases of a prompt are in an image, read from the cross-attention of the UNet while
     the image's latent is DDIM-inverted.
@@ -41,7 +47,9 @@ class CrossAttentionGroundingInferer(Inferer):
     Every inversion step runs the UNet once on the batch ``[uncond, prompt]``; the unconditional branch drives the
     inversion (``drive="uncond"``, as the reference code; ``"cond"`` drives with the prompt) and the conditional
     branch is recorded by a :class:`~monai_cfx.visualize.CrossAttentionRecorder` during ``capture_window`` (a
-    fraction range of the inversion, default the middle 20 %) on the selected ``layers``. Each phrase's heat map
+    fraction range of the inversion, default the middle 20 %) on the selected ``layers``. The UNet evaluates the
+    recorded branch only inside the window and the inversion stops at the window's end, so ``N`` steps with the
+    default window cost ``0.6 N + 0.2 N`` image evaluations instead of the reference's ``2 N``. Each phrase's heat map
     is the mean of its tokens' maps, resized to the image, smoothed (``sigma`` pixels), min-max normalised and
     masked by Otsu's threshold. The inversion does not depend on the phrases, so any number of phrases of one
     prompt cost one inversion.
@@ -55,6 +63,8 @@ class CrossAttentionGroundingInferer(Inferer):
         drive: ``"uncond"`` or ``"cond"``: which branch drives the inversion.
         sigma: Gaussian standard deviation in image pixels; 0 disables it.
         otsu: multiply the heat map by its Otsu mask.
+        timestep_spacing: ``"trailing"`` (the reference code's, reaching the last training level), ``"leading"``
+            or ``"linspace"`` (MONAI's ``DDIMScheduler``); see :func:`~monai_cfx.networks.schedulers.set_timestep_spacing`.
         verbose: show a progress bar.
     """
 
@@ -68,6 +78,7 @@ class CrossAttentionGroundingInferer(Inferer):
         drive: str = "uncond",
         sigma: float = 2.5,
         otsu: bool = True,
+        timestep_spacing: str = "trailing",
         verbose: bool = False,
     ) -> None:
         super().__init__()
@@ -88,6 +99,7 @@ class CrossAttentionGroundingInferer(Inferer):
         self.drive = check_option("drive", drive, ("uncond", "cond"))
         self.sigma = float(sigma)
         self.otsu = otsu
+        self.timestep_spacing = check_option("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.verbose = verbose
 
     def captured_steps(self) -> list[int]:
@@ -133,24 +145,40 @@ class CrossAttentionGroundingInferer(Inferer):
         uncond_conditioning = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
         captured = set(self.captured_steps())
         recorder = CrossAttentionRecorder(diffusion_model, self.layers, batch_indices=range(batch_size, 2 * batch_size))
+        drive_half = 0 if self.drive == "uncond" else 1
+
+        def model(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            # outside the capture window only the driving branch matters: evaluate it once and use it for both
+            # halves, which guidance weight 0 (uncond) or 1 (cond) turns back into exactly that branch's output
+            if recorder.recording:
+                return diffusion_model(x, timesteps, context=context, **kwargs)
+            half = slice(drive_half * batch_size, (drive_half + 1) * batch_size)
+            return diffusion_model(x[half], timesteps[half], context=context[half], **kwargs).repeat(
+                2, *[1] * (x.ndim - 1)
+            )
 
         def next_step(step_index: int, *_: object) -> None:
             recorder.recording = step_index + 1 in captured
 
         with torch.no_grad():
-            latent = _encode_mean(autoencoder_model, torch.as_tensor(inputs)) * self.scale_factor
+            # plain tensors inside: MetaTensor meta would follow the maps through batch indexing and smoothing
+            images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+            latent = _encode_mean(autoencoder_model, images) * self.scale_factor
             recorder.recording = 0 in captured
             with recorder:
+                # the steps after the window do not change the maps: stop the inversion at its end
                 ddim_invert(
-                    diffusion_model,
+                    model,
                     self.scheduler,
                     latent,
                     self.num_inference_steps,
                     context=conditioning,
                     uncond_context=uncond_conditioning,
                     guidance_scale=0.0 if self.drive == "uncond" else 1.0,
+                    end_fraction=(max(captured) + 1) / self.num_inference_steps,
                     callback=next_step,
                     verbose=self.verbose,
+                    timestep_spacing=self.timestep_spacing,
                 )
             token_maps = recorder.maps()  # (B, L, *latent)
         phrase_maps = torch.stack([token_maps[:, [int(i) for i in phrase]].mean(1) for phrase in token_indices], 1)
@@ -167,5 +195,5 @@ class CrossAttentionGroundingInferer(Inferer):
         if self.otsu:
             heatmaps = heatmaps * masks
         if isinstance(inputs, MetaTensor):
-            return convert_to_dst_type(heatmaps, inputs)[0], convert_to_dst_type(masks, inputs)[0]
+            return tuple(_with_meta_of(inputs, result) for result in (heatmaps, masks))  # type: ignore[return-value]
         return heatmaps, masks

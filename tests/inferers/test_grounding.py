@@ -8,6 +8,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from parameterized import parameterized
 
 from monai_cfx.inferers import CrossAttentionGroundingInferer
+from monai_cfx.networks.schedulers import ddim_invert
+from monai_cfx.visualize import CrossAttentionRecorder
 from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
 
 
@@ -17,12 +19,15 @@ def grounding(**kwargs) -> CrossAttentionGroundingInferer:
 
 
 class CountCalls:
+    """Counts UNet calls and image evaluations (batch rows)."""
+
     def __init__(self, module):
-        self.calls = 0
+        self.calls, self.rows = 0, 0
         self.handle = module.register_forward_pre_hook(self)
 
-    def __call__(self, *_):
+    def __call__(self, _module, args):
         self.calls += 1
+        self.rows += args[0].shape[0]
 
 
 class TestCrossAttentionGroundingInferer(unittest.TestCase):
@@ -47,12 +52,40 @@ class TestCrossAttentionGroundingInferer(unittest.TestCase):
         context, uncond = torch.randn(1, 6, CONTEXT_DIM), torch.randn(1, 6, CONTEXT_DIM)
         counter = CountCalls(unet)
         one, _ = grounding(otsu=False)(images, unet, autoencoder, context, uncond, [[1]])
-        calls_for_one = counter.calls
+        calls_for_one, rows_for_one = counter.calls, counter.rows
         many, _ = grounding(otsu=False)(images, unet, autoencoder, context, uncond, [[1], [2], [3], [1, 2]] * 2)
         counter.handle.remove()
-        self.assertEqual(calls_for_one, 10)  # one batched [uncond, cond] call per inversion step
-        self.assertEqual(counter.calls - calls_for_one, 10)
+        # 10 steps, window (0.4, 0.6): steps 0-3 run the driving branch only, steps 4-5 both, then it stops
+        self.assertEqual((calls_for_one, rows_for_one), (6, 8))
+        self.assertEqual((counter.calls - calls_for_one, counter.rows - rows_for_one), (6, 8))
         torch.testing.assert_close(many[:, :1], one)
+
+    @parameterized.expand([["uncond", 0.0], ["cond", 1.0]])
+    def test_skipping_branches_matches_the_full_reference_protocol(self, drive, guidance):
+        autoencoder, unet = tiny_networks(2)
+        images = torch.rand(2, 1, 8, 8)
+        context, uncond = torch.randn(2, 6, CONTEXT_DIM), torch.randn(2, 6, CONTEXT_DIM)
+        inferer = grounding(otsu=False, sigma=0.0, drive=drive, layers="all", timestep_spacing="trailing")
+        heatmaps, _ = inferer(images, unet, autoencoder, context, uncond, [[1, 2], [4]])
+        # the reference: both branches at every one of the 10 steps, recording steps 4 and 5 only
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        recorder = CrossAttentionRecorder(unet, "all", batch_indices=range(2, 4))
+        captured = {4, 5}
+
+        def toggle(step_index, *_):
+            recorder.recording = step_index + 1 in captured
+
+        with torch.no_grad(), recorder:
+            recorder.recording = False
+            latent = autoencoder.encode(images)[0] * 0.7
+            ddim_invert(unet, scheduler, latent, 10, context, uncond, guidance, callback=toggle, verbose=False,
+                        timestep_spacing="trailing")  # fmt: skip
+        maps = recorder.maps()
+        expected = torch.stack([maps[:, [1, 2]].mean(1), maps[:, 4]], 1)
+        expected = torch.nn.functional.interpolate(expected, size=(8, 8), mode="bilinear", align_corners=False)
+        flat = expected.flatten(2)
+        low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+        torch.testing.assert_close(heatmaps, ((flat - low) / (high - low)).view_as(expected), atol=1e-5, rtol=1e-4)
 
     def test_capture_window(self):
         self.assertEqual(grounding(num_inference_steps=50).captured_steps(), list(range(20, 30)))
@@ -71,6 +104,8 @@ class TestCrossAttentionGroundingInferer(unittest.TestCase):
             CrossAttentionGroundingInferer(DDPMScheduler(num_train_timesteps=100))
         with self.assertRaisesRegex(ValueError, "drive"):
             grounding(drive="both")
+        with self.assertRaisesRegex(ValueError, "timestep_spacing"):
+            grounding(timestep_spacing="uniform")
         self.assertFalse(any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()))
 
 
