@@ -64,7 +64,8 @@ class CrossAttentionGroundingInferer(Inferer):
         sigma: Gaussian standard deviation in image pixels; 0 disables it.
         otsu: multiply the heat map by its Otsu mask.
         timestep_spacing: ``"trailing"`` (the reference code's, reaching the last training level), ``"leading"``
-            or ``"linspace"`` (MONAI's ``DDIMScheduler``); see :func:`~monai_cfx.networks.schedulers.set_timestep_spacing`.
+            or ``"linspace"`` (MONAI's ``DDIMScheduler``); see
+            :func:`~monai_cfx.networks.schedulers.set_timestep_spacing`.
         verbose: show a progress bar.
     """
 
