@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .counterfactual import CounterfactualPrepareBatch
+from .grounding import GroundingPrepareBatch
 from .latent_diffusion import (
     AutoencoderKLLoss,
     LatentDiffusionPrepareBatch,
@@ -23,6 +24,7 @@ from .latent_diffusion import (
 __all__ = [
     "AutoencoderKLLoss",
     "CounterfactualPrepareBatch",
+    "GroundingPrepareBatch",
     "LatentDiffusionPrepareBatch",
     "ReconstructionPrepareBatch",
     "compute_scale_factor",

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
 from .feature_distance import FeatureDistanceHandler
-from .grounding import GroundingMetricsHandler
+from .grounding import GroundingMetricsHandler, GroundingSaver
 
 __all__ = [
     "CounterfactualMetricsHandler",
     "CounterfactualSaver",
     "FeatureDistanceHandler",
     "GroundingMetricsHandler",
+    "GroundingSaver",
     "iterate_items",
 ]

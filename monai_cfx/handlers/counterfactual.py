@@ -25,10 +25,11 @@ from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 
 from monai_cfx.metrics import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
-from monai_cfx.utils import atomic_path, check_option, check_writable, write_json, write_nifti
+from monai_cfx.utils import atomic_path, check_option, check_writable, write_nifti
+
+from .saving import ItemSaver, affine_of, iterate_items, to_numpy
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -38,40 +39,6 @@ __all__ = ["CounterfactualMetricsHandler", "CounterfactualSaver", "iterate_items
 
 BASE_METRICS = ("validity", "l1_outside", "l1_inside", "localization_auroc", "ssim", "ms_ssim")
 TWIN_METRICS = ("twin_l1", "twin_l1_outside", "twin_l1_inside", "twin_ssim")
-
-
-def iterate_items(engine: Engine) -> list[dict[str, Any]]:
-    """The evaluator's items of this iteration: each decollated output merged over its batch item."""
-    outputs, batches = engine.state.output, engine.state.batch
-    if isinstance(outputs, Mapping):
-        raise ValueError("the handler needs decollated outputs: keep the evaluator's `decollate=True`.")
-    # outputs win (the prediction, post-processed keys), except where the evaluator had nothing to put
-    return [
-        {**dict(batch), **{k: v for k, v in dict(output).items() if v is not None}}
-        for batch, output in zip(batches, outputs)
-    ]
-
-
-def _stem(item: Mapping[str, Any], key: str, fallback: str) -> str:
-    image = item.get(key)
-    name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if not name:
-        return fallback
-    name = os.path.basename(str(name))
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".dcm", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
-def _affine(image: Any) -> np.ndarray:
-    if isinstance(image, MetaTensor):
-        return np.asarray(image.affine, dtype=np.float64)
-    return np.eye(4)
-
-
-def _numpy(value: Any) -> np.ndarray:
-    return torch.as_tensor(value).detach().cpu().float().numpy()
 
 
 def _panel(
@@ -121,7 +88,7 @@ def _panel(
     plt.close(fig)
 
 
-class CounterfactualSaver:
+class CounterfactualSaver(ItemSaver):
     """Save each counterfactual and difference map as NIfTI with the input's affine, plus a PNG panel in 2D.
 
     Writes ``<stem>_counterfactual.nii.gz`` and ``<stem>_difference.nii.gz`` (``stem`` is the input file's name),
@@ -153,45 +120,10 @@ class CounterfactualSaver:
         png: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.image_key, self.counterfactual_key, self.difference_key = image_key, counterfactual_key, difference_key
+        super().__init__(output_dir, "counterfactuals", image_key=image_key, overwrite=overwrite)
+        self.counterfactual_key, self.difference_key = counterfactual_key, difference_key
         self.mask_key, self.prompt_key, self.default_prompt = mask_key, prompt_key, default_prompt
         self.png = png
-        self.overwrite = overwrite
-        self.records: list[dict[str, Any]] = []
-        self.used_stems: set[str] = set()
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
-
-    def _manifest_path(self) -> Path:
-        name = "counterfactuals.json" if idist.get_world_size() == 1 else f"counterfactuals_rank{idist.get_rank()}.json"
-        return self.output_dir / name
-
-    def _started(self, _engine: Engine) -> None:
-        self.records, self.used_stems = [], set()
-        check_writable(self._manifest_path(), self.overwrite)
-
-    def __call__(self, engine: Engine) -> None:
-        rank = f"rank{idist.get_rank()}_" if idist.get_world_size() > 1 else ""
-        for item in iterate_items(engine):
-            self.save_item(item, fallback_stem=f"{rank}item_{len(self.records):05d}")
-
-    def _unique_stem(self, item: Mapping[str, Any], fallback_stem: str) -> str:
-        """The input's file name, prefixed by its folder (then a counter) when an earlier item had the same name,
-        as in datasets with one folder per subject and a shared file name (``s0001/ct.nii.gz``)."""
-        stem = _stem(item, self.image_key, fallback_stem)
-        image = item.get(self.image_key)
-        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-        if stem in self.used_stems and source:
-            stem = f"{os.path.basename(os.path.dirname(str(source)))}_{stem}".lstrip("_")
-        base, counter = stem, 1
-        while stem in self.used_stems:
-            stem, counter = f"{base}_{counter}", counter + 1
-        self.used_stems.add(stem)
-        return stem
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         """Write one item's files; returns its manifest record."""
@@ -199,8 +131,8 @@ class CounterfactualSaver:
             if key not in item:
                 raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
         image = item[self.image_key]
-        stem = self._unique_stem(item, fallback_stem)
-        affine = _affine(image)
+        stem = self.unique_stem(item, fallback_stem)
+        affine = affine_of(image)
         spatial_dims = torch.as_tensor(image).ndim - 1
         record: dict[str, Any] = {
             "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
@@ -213,16 +145,18 @@ class CounterfactualSaver:
         targets = [self.output_dir / record[k] for k in ("counterfactual", "difference", "panel") if k in record]
         for target in targets:
             check_writable(target, self.overwrite)
-        counterfactual = _numpy(item[self.counterfactual_key])
-        difference = _numpy(item[self.difference_key])
+        counterfactual = to_numpy(item[self.counterfactual_key])
+        difference = to_numpy(item[self.difference_key])
         write_nifti(counterfactual, affine, targets[0], overwrite=self.overwrite)
         write_nifti(difference, affine, targets[1], overwrite=self.overwrite)
         if "panel" in record:
             mask = item.get(self.mask_key) if self.mask_key else None
-            mask_array = _numpy(mask) if isinstance(mask, torch.Tensor) and mask.shape[1:] == image.shape[1:] else None
+            mask_array = (
+                to_numpy(mask) if isinstance(mask, torch.Tensor) and mask.shape[1:] == image.shape[1:] else None
+            )
             _panel(
                 targets[2],
-                _numpy(image),
+                to_numpy(image),
                 counterfactual,
                 difference,
                 mask_array,
@@ -231,13 +165,6 @@ class CounterfactualSaver:
             )
         self.records.append(record)
         return record
-
-    def _finalize(self, _engine: Engine) -> None:
-        self.write_manifest()
-
-    def write_manifest(self) -> Path:
-        """Write the records of the saved items (``counterfactuals.json``); the evaluator calls it at the end."""
-        return write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
 
 
 class CounterfactualMetricsHandler:

@@ -21,7 +21,7 @@ from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min
 
 from monai_cfx.metrics import KIDMetric
 
-from .counterfactual import iterate_items
+from .saving import iterate_items
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")

@@ -8,19 +8,24 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handler that accumulates phrase-grounding quality over an evaluator's run."""
+"""Ignite handlers that save phrase heat maps and accumulate grounding quality over an evaluator's run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai.data import MetaTensor
+from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
 from monai_cfx.metrics import GroundingMetric
+from monai_cfx.utils import atomic_path, check_writable, write_nifti
 
-from .counterfactual import iterate_items
+from .saving import ItemSaver, affine_of, iterate_items, to_numpy
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -28,7 +33,114 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["GroundingMetricsHandler"]
+__all__ = ["GroundingMetricsHandler", "GroundingSaver"]
+
+
+def _overlay(
+    path: Path,
+    image: np.ndarray,
+    heatmaps: np.ndarray,
+    boxes: np.ndarray | None,
+    phrases: Sequence[str],
+    prompt: str,
+    overwrite: bool,
+) -> None:
+    """One panel per phrase: the image with its heat map over it and the ground-truth box outlined when known;
+    2D channel-first arrays in MONAI's (W, H) order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = len(heatmaps)
+    fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
+    for index, axis in enumerate(axes[0]):
+        axis.imshow(image[0].T, cmap="gray", vmin=0, vmax=1)
+        shown = axis.imshow(heatmaps[index].T, cmap="jet", vmin=0, vmax=1, alpha=0.45)
+        if boxes is not None and boxes[index].any():
+            axis.contour(boxes[index].T, levels=[0.5], colors="white", linewidths=0.9)
+        axis.set_title(phrases[index] if index < len(phrases) else f"phrase {index}", fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.colorbar(shown, ax=axes[0, -1], fraction=0.046, pad=0.02)
+    fig.suptitle(prompt, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+class GroundingSaver(ItemSaver):
+    """Save each image's phrase heat maps and Otsu masks as NIfTI with the input's affine, plus a PNG overlay in 2D.
+
+    Writes ``<stem>_heatmap.nii.gz`` and ``<stem>_mask.nii.gz`` (one channel per phrase, in the 5th NIfTI
+    dimension when there are several, as MONAI's ``NibabelWriter`` stores channels; a single phrase is a plain
+    image that overlays the input in 3D Slicer) and, for 2D images, ``<stem>_overlay.png`` with one panel per
+    phrase (the ground-truth box outlined when ``box_mask_key`` is present). ``grounding.json`` lists every input
+    with its prompt, phrases (in channel order) and files. Existing files stop the run unless ``overwrite``;
+    every file is written atomically.
+
+    Args:
+        output_dir: output folder (created).
+        image_key, heatmap_key, mask_key: item keys of the input, the ``(P, *spatial)`` heat maps and masks.
+        box_mask_key: item key of the ``(P, *spatial)`` ground-truth boxes, outlined in the overlay if present.
+        prompt_key, text_key: item keys of the prompt and of the phrases (``" | "``-joined, as
+            :class:`~monai_cfx.transforms.PhraseTokensd` writes them).
+        png: write the 2D overlay.
+        overwrite: replace existing files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        image_key: str = CommonKeys.IMAGE,
+        heatmap_key: str = "heatmap",
+        mask_key: str = "grounding_mask",
+        box_mask_key: str | None = "phrase_mask",
+        prompt_key: str = "prompt",
+        text_key: str = "phrase_text",
+        png: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(output_dir, "grounding", image_key=image_key, overwrite=overwrite)
+        self.heatmap_key, self.mask_key, self.box_mask_key = heatmap_key, mask_key, box_mask_key
+        self.prompt_key, self.text_key = prompt_key, text_key
+        self.png = png
+
+    def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
+        """Write one item's files; returns its manifest record."""
+        for key in (self.image_key, self.heatmap_key, self.mask_key):
+            if key not in item:
+                raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
+        image = item[self.image_key]
+        stem = self.unique_stem(item, fallback_stem)
+        text = item.get(self.text_key) or ""
+        phrases = [p.strip() for p in str(text).split(" | ")] if text else []
+        record: dict[str, Any] = {
+            "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
+            "prompt": item.get(self.prompt_key),
+            "phrases": phrases,
+            "heatmap": f"{stem}_heatmap.nii.gz",
+            "mask": f"{stem}_mask.nii.gz",
+        }
+        spatial_dims = torch.as_tensor(image).ndim - 1
+        if self.png and spatial_dims == 2:
+            record["overlay"] = f"{stem}_overlay.png"
+        targets = [self.output_dir / record[k] for k in ("heatmap", "mask", "overlay") if k in record]
+        for target in targets:
+            check_writable(target, self.overwrite)
+        affine = affine_of(image)
+        heatmaps = to_numpy(item[self.heatmap_key])
+        write_nifti(heatmaps, affine, targets[0], overwrite=self.overwrite)
+        write_nifti(to_numpy(item[self.mask_key]), affine, targets[1], overwrite=self.overwrite)
+        if "overlay" in record:
+            boxes = item.get(self.box_mask_key) if self.box_mask_key else None
+            box_array = to_numpy(boxes) if isinstance(boxes, torch.Tensor) and boxes.shape == heatmaps.shape else None
+            _overlay(
+                targets[2], to_numpy(image), heatmaps, box_array, phrases, str(record["prompt"] or ""), self.overwrite
+            )
+        self.records.append(record)
+        return record
 
 
 class GroundingMetricsHandler:

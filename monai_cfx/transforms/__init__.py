@@ -19,6 +19,7 @@ from .difference import (
     OtsuThresholdd,
     OtsuThresholdDict,
 )
+from .grounding import PhraseBoxMaskd, PhraseTokensd, phrase_list
 from .latent import EncodeLatentd
 
 __all__ = [
@@ -31,4 +32,7 @@ __all__ = [
     "OtsuThresholdD",
     "OtsuThresholdDict",
     "OtsuThresholdd",
+    "PhraseBoxMaskd",
+    "PhraseTokensd",
+    "phrase_list",
 ]

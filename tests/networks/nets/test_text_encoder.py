@@ -71,6 +71,36 @@ def _clip_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]
     return vocab, merges
 
 
+def save_tiny_sd_text_encoder(folder: str, hidden_size: int = HIDDEN) -> CLIPTextModel:
+    """Save a tiny CLIP text model and BPE tokenizer in a diffusers Stable Diffusion layout (tokenizer/ and
+    text_encoder/), as a local copy of a real Stable Diffusion folder would hold them."""
+    torch.manual_seed(0)
+    vocab, merges = _clip_vocab_and_merges(CLIP_WORDS)
+    vocab_dir = os.path.join(folder, "vocab")
+    os.makedirs(vocab_dir)
+    with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizerFast.from_pretrained(vocab_dir, model_max_length=77)
+    eos = vocab["<|endoftext|>"]
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    model = CLIPTextModel(config).eval()
+    model.save_pretrained(os.path.join(folder, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    return model
+
+
 def _build_models(root: str) -> None:
     torch.manual_seed(0)
     # tiny BERT with a word-piece tokenizer read from vocab.txt

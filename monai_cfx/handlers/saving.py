@@ -1,0 +1,137 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Shared pieces of the handlers that save an evaluator's items: item iteration, file stems and the manifest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
+
+from monai_cfx.utils import check_writable, write_json
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["ItemSaver", "affine_of", "item_stem", "iterate_items", "to_numpy"]
+
+
+def iterate_items(engine: Engine) -> list[dict[str, Any]]:
+    """The evaluator's items of this iteration: each decollated output merged over its batch item."""
+    outputs, batches = engine.state.output, engine.state.batch
+    if isinstance(outputs, Mapping):
+        raise ValueError("the handler needs decollated outputs: keep the evaluator's `decollate=True`.")
+    # outputs win (the prediction, post-processed keys), except where the evaluator had nothing to put
+    return [
+        {**dict(batch), **{k: v for k, v in dict(output).items() if v is not None}}
+        for batch, output in zip(batches, outputs)
+    ]
+
+
+def item_stem(item: Mapping[str, Any], key: str, fallback: str) -> str:
+    """The file name of ``item[key]`` without its image suffix, or ``fallback`` when it has none."""
+    image = item.get(key)
+    name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    if not name:
+        return fallback
+    name = os.path.basename(str(name))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".dcm", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def affine_of(image: Any) -> np.ndarray:
+    """The image's affine (identity when it carries none)."""
+    if isinstance(image, MetaTensor):
+        return np.asarray(image.affine, dtype=np.float64)
+    return np.eye(4)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    return torch.as_tensor(value).detach().cpu().float().numpy()
+
+
+class ItemSaver:
+    """Base of the handlers that write files for every item of an evaluator's run and list them in a manifest.
+
+    Subclasses implement :meth:`save_item`, which returns the item's manifest record (and appends it to
+    ``records``). File stems come from the input's file name (:meth:`unique_stem`); ``<manifest_name>.json``
+    (``<manifest_name>_rank<r>.json`` in multi-process runs, where each rank saves its own items) is written at the
+    end of the run. An existing manifest stops the run at its start unless ``overwrite``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        manifest_name: str,
+        image_key: str = CommonKeys.IMAGE,
+        overwrite: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.manifest_name = manifest_name
+        self.image_key = image_key
+        self.overwrite = overwrite
+        self.records: list[dict[str, Any]] = []
+        self.used_stems: set[str] = set()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
+
+    def _manifest_path(self) -> Path:
+        if idist.get_world_size() == 1:
+            return self.output_dir / f"{self.manifest_name}.json"
+        return self.output_dir / f"{self.manifest_name}_rank{idist.get_rank()}.json"
+
+    def _started(self, _engine: Engine) -> None:
+        self.records, self.used_stems = [], set()
+        check_writable(self._manifest_path(), self.overwrite)
+
+    def __call__(self, engine: Engine) -> None:
+        rank = f"rank{idist.get_rank()}_" if idist.get_world_size() > 1 else ""
+        for item in iterate_items(engine):
+            self.save_item(item, fallback_stem=f"{rank}item_{len(self.records):05d}")
+
+    def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement save_item.")
+
+    def unique_stem(self, item: Mapping[str, Any], fallback_stem: str) -> str:
+        """The input's file name, prefixed by its folder (then a counter) when an earlier item had the same name,
+        as in datasets with one folder per subject and a shared file name (``s0001/ct.nii.gz``)."""
+        stem = item_stem(item, self.image_key, fallback_stem)
+        image = item.get(self.image_key)
+        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if stem in self.used_stems and source:
+            stem = f"{os.path.basename(os.path.dirname(str(source)))}_{stem}".lstrip("_")
+        base, counter = stem, 1
+        while stem in self.used_stems:
+            stem, counter = f"{base}_{counter}", counter + 1
+        self.used_stems.add(stem)
+        return stem
+
+    def _finalize(self, _engine: Engine) -> None:
+        self.write_manifest()
+
+    def write_manifest(self) -> Path:
+        """Write the records of the saved items; the evaluator calls it at the end of the run."""
+        return write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
