@@ -1,0 +1,212 @@
+"""The phrase grounding bundle's configs, run through MONAI's CLI: the shipped latent diffusion weights on phantoms,
+a user's datalist, bad input, and a tiny replica of the model-zoo CXR latent diffusion bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle
+from tests.networks.nets.test_text_encoder import save_tiny_sd_text_encoder
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "phrase_grounding"
+FAST = ["--num_inference_steps", "10"]
+
+
+def run(configs, *overrides):
+    return run_bundle(configs, *overrides, bundle=BUNDLE)
+
+
+class GroundingCase(unittest.TestCase):
+    configs_3d: list[str] = []
+    kind = "chest"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        # seeds from 5000 on: unseen by the shipped weights (trained on seeds below 2000)
+        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", "100", "--seed", "5000"]
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def configs(self, *names):
+        return [f"configs/{name}.json" for name in names] + self.configs_3d
+
+
+class TestPhraseGroundingBundle2D(GroundingCase):
+    def test_inference_evaluate_and_no_overwrite(self):
+        out = self.tmp / "inference"
+        check_ok(
+            self, run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        )
+        records = json.loads((out / "grounding.json").read_text())
+        testing = json.loads((self.tmp / "data" / "datalist.json").read_text())["testing"]
+        self.assertEqual(len(records), min(3, sum(bool(item["phrases"]) for item in testing)))
+        for record in records:
+            self.assertTrue(record["phrases"] and all(p.lower() in record["prompt"].lower() for p in record["phrases"]))
+            source = nib.load(record["image"])
+            heatmap, mask = nib.load(out / record["heatmap"]), nib.load(out / record["mask"])
+            np.testing.assert_allclose(heatmap.affine, source.affine)
+            np.testing.assert_allclose(mask.affine, source.affine)
+            values = np.asarray(heatmap.dataobj)
+            spatial = source.shape[: 3 if self.kind == "brain" else 2]
+            self.assertEqual(values.shape[: len(spatial)], spatial)
+            self.assertEqual(int(np.prod(values.shape[len(spatial) :])), len(record["phrases"]))  # one per phrase
+            self.assertTrue(0.0 <= values.min() and values.max() <= 1.0 and values.max() > 0.5)
+            self.assertEqual(set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0.0, 1.0}, True)
+            self.assertEqual("overlay" in record, self.kind == "chest")
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        again = run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        self.assertNotEqual(again.returncode, 0)
+        self.assertIn("exists", again.stdout + again.stderr)
+        self.assertEqual(before, {p.name: p.stat().st_mtime_ns for p in out.iterdir()})
+
+        evaluation = self.tmp / "evaluate"
+        check_ok(
+            self,
+            run(self.configs("evaluate"), *self.common, *FAST, "--num_items", "4", "--output_dir", str(evaluation)),
+        )
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        num_items = min(4, sum(bool(item["phrases"]) for item in testing))
+        self.assertEqual(metrics["settings"]["num_items"], num_items)
+        grounding = metrics["grounding"]
+        self.assertGreaterEqual(grounding["all"]["count"], num_items)
+        for name in ("macro", "all"):
+            self.assertTrue(0.0 <= grounding[name]["auroc"] <= 1.0)
+            self.assertTrue(0.0 <= grounding[name]["miou"] <= 1.0)
+            self.assertGreaterEqual(grounding[name]["cnr"], 0.0)
+
+
+class TestPhraseGroundingBundle3D(TestPhraseGroundingBundle2D):
+    configs_3d = ["configs/3d.json"]
+    kind = "brain"
+
+
+class TestUserDatalistAndBadInput(GroundingCase):
+    def test_phrases_without_boxes_and_a_phrase_missing_from_the_prompt(self):
+        data = self.tmp / "data"
+        check_ok(
+            self,
+            run(
+                self.configs("inference"),
+                *self.common,
+                *FAST,
+                "--num_items",
+                "1",
+                "--output_dir",
+                str(self.tmp / "first"),
+            ),
+        )
+        phantoms = json.loads((data / "datalist.json").read_text())["testing"]
+        own = {"testing": [
+            {"image": phantoms[0]["image"], "prompt": "Chest radiograph with cardiomegaly.", "phrase": "cardiomegaly"},
+            {"image": phantoms[1]["image"], "phrases": ["small left pleural effusion", "cardiomegaly"]},
+        ]}  # fmt: skip
+        datalist = self.tmp / "own.json"
+        datalist.write_text(json.dumps(own))
+        out = self.tmp / "own"
+        overrides = ["--datalist", str(datalist), "--dataset_dir", str(data), "--output_dir", str(out)]
+        check_ok(self, run(self.configs("inference"), *FAST, *overrides))
+        records = json.loads((out / "grounding.json").read_text())
+        self.assertEqual(records[0]["phrases"], ["cardiomegaly"])
+        # without a prompt the phrases themselves are the prompt
+        self.assertEqual(records[1]["prompt"], "small left pleural effusion. cardiomegaly.")
+        self.assertEqual(nib.load(out / records[1]["heatmap"]).shape[-1], 2)
+
+        own["testing"][0]["phrase"] = "pneumothorax"
+        datalist.write_text(json.dumps(own))
+        bad = run(self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "bad"))
+        self.assertNotEqual(bad.returncode, 0)
+        self.assertIn("`phrase` 'pneumothorax' does not occur in the prompt", bad.stdout + bad.stderr)
+        self.assertFalse((self.tmp / "bad").exists() and list((self.tmp / "bad").iterdir()))
+
+
+def _legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key names monai-generative used, which the model-zoo checkpoints carry."""
+    renamed = {}
+    for key, value in state.items():
+        if "transformer_blocks" in key and ".out_proj." in key:
+            key = key.replace(".out_proj.", ".to_out.0.")
+        renamed[key.replace("postconv", "conv")] = value
+    return renamed
+
+
+class TestModelZooCXRReplica(GroundingCase):
+    """configs/cxr_ldm.json on a tiny network pair saved as the model-zoo bundle lays it out (models/autoencoder.pth,
+    models/diffusion_model.pth with monai-generative keys) and a tiny CLIP text encoder in a Stable Diffusion folder."""
+
+    def test_grounds_with_the_replica(self):
+        zoo, clip = self.tmp / "cxr_ldm", self.tmp / "sd21"
+        (zoo / "models").mkdir(parents=True)
+        save_tiny_sd_text_encoder(str(clip), hidden_size=32)
+        torch.manual_seed(0)
+        autoencoder = AutoencoderKL(2, 1, 1, channels=(8, 8, 8, 8), latent_channels=3, num_res_blocks=2,
+            norm_num_groups=8, attention_levels=(False,) * 4, with_encoder_nonlocal_attn=False,
+            with_decoder_nonlocal_attn=False)  # fmt: skip
+        unet = DiffusionModelUNet(2, 3, 3, channels=(16, 16, 16), num_res_blocks=2,
+            attention_levels=(False, True, True), norm_num_groups=8, num_head_channels=(0, 16, 16),
+            with_conditioning=True, cross_attention_dim=32)  # fmt: skip
+        torch.save(_legacy_keys(autoencoder.state_dict()), zoo / "models" / "autoencoder.pth")
+        torch.save(_legacy_keys(unet.state_dict()), zoo / "models" / "diffusion_model.pth")
+        saved = torch.load(zoo / "models" / "diffusion_model.pth", weights_only=True)
+        self.assertTrue(any(".to_out.0." in k for k in saved))
+
+        image = self.tmp / "cxr.nii.gz"
+        pixels = np.random.default_rng(0).uniform(0, 1000, (64, 64)).astype(np.float32)  # not in [0, 1]: scaled
+        nib.save(nib.Nifti1Image(pixels, np.diag([0.5, 0.5, 1.0, 1.0])), image)
+        datalist = self.tmp / "cxr.json"
+        prompt = "a chest x ray with small pleural effusion in the left lung"
+        datalist.write_text(
+            json.dumps({"testing": [{"image": str(image), "prompt": prompt, "phrase": "pleural effusion"}]})
+        )
+        tiny = [
+            "--autoencoder_def#channels", "[8,8,8,8]", "--autoencoder_def#norm_num_groups", "8",
+            "--diffusion_def#channels", "[16,16,16]", "--diffusion_def#norm_num_groups", "8",
+            "--diffusion_def#num_head_channels", "[0,16,16]", "--cross_attention_dim", "32",
+        ]  # fmt: skip
+        out = self.tmp / "cxr_out"
+        result = run(
+            ["configs/inference.json", "configs/cxr_ldm.json"], *tiny, *FAST, "--cxr_ldm_dir", str(zoo),
+            "--clip_dir", str(clip), "--datalist", str(datalist), "--dataset_dir", str(self.tmp),
+            "--output_dir", str(out),
+        )  # fmt: skip
+        check_ok(self, result)
+        record = json.loads((out / "grounding.json").read_text())[0]
+        heatmap = nib.load(out / record["heatmap"])
+        self.assertEqual(heatmap.shape, (64, 64))
+        np.testing.assert_allclose(heatmap.affine, np.diag([0.5, 0.5, 1.0, 1.0]))
+        self.assertTrue(np.isfinite(np.asarray(heatmap.dataobj)).all())
+
+        # the same checkpoint read without the legacy key mapping is refused with the file's name
+        wrong = run(
+            ["configs/inference.json", "configs/cxr_ldm.json"], *tiny, *FAST, "--cxr_ldm_dir", str(zoo),
+            "--clip_dir", str(clip), "--datalist", str(datalist), "--dataset_dir", str(self.tmp),
+            "--output_dir", str(self.tmp / "wrong"), "--legacy_keys", "False",
+        )  # fmt: skip
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn("diffusion_model.pth' does not fit DiffusionModelUNet", wrong.stdout + wrong.stderr)
+
+
+class TestPhraseGroundingMetadata(unittest.TestCase):
+    def test_verifies_offline(self):
+        schema = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
+        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json"]
+        result = subprocess.run([*cmd, "--filepath", str(schema)], cwd=BUNDLE, capture_output=True, text=True)
+        check_ok(self, result)
+        self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
