@@ -106,6 +106,10 @@ class TestCrossAttentionGroundingInferer(unittest.TestCase):
             grounding(drive="both")
         with self.assertRaisesRegex(ValueError, "timestep_spacing"):
             grounding(timestep_spacing="uniform")
+        flash = {n: m.use_flash_attention for n, m in unet.named_modules() if hasattr(m, "use_flash_attention")}
+        with self.assertRaises(RuntimeError):  # fails inside the UNet, in the middle of the recording
+            grounding(layers="all")(images, unet, autoencoder, context[..., :3], context[..., :3], [[1]])
+        self.assertEqual(flash, {n: m.use_flash_attention for n, m in unet.named_modules() if n in flash})
         self.assertFalse(any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()))
 
 
