@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .counterfactual import CounterfactualInferer, RegionBlendHook
+from .drift import DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer, drift_tensor
 from .grounding import CrossAttentionGroundingInferer
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
@@ -20,10 +21,14 @@ from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
 __all__ = [
     "CounterfactualInferer",
     "CrossAttentionGroundingInferer",
+    "DriftDiffusionInferer",
+    "DriftHook",
+    "DriftLatentDiffusionInferer",
     "RegionBlendHook",
     "SamplingHook",
     "SamplingState",
     "TextGuidedLatentDiffusionInferer",
     "denoise",
+    "drift_tensor",
     "seeded_noise",
 ]
