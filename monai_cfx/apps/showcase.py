@@ -23,9 +23,13 @@ It writes, into ``output_dir``:
   abnormal phantoms from the counterfactual bundle (NIfTI with the phantoms' affine, a PNG panel per chest),
   and ``counterfactuals_2d.png`` / ``counterfactuals_3d.png``: image, counterfactual, difference map and the
   true difference to the healthy twin side by side;
+- ``grounding_2d/`` and ``grounding_3d/``: phrase heat maps and Otsu masks of the same phantoms' report
+  phrases from the phrase grounding bundle (NIfTI, a PNG overlay per chest), and ``grounding_2d.png`` /
+  ``grounding_3d.png``: each phrase's heat map over the image with its ground-truth box;
 - ``metrics.json``: per sample, the classifier's finding probabilities and whether they agree with the
   prompt, plus the agreement fraction and timings; per counterfactual, the classifier's probability of the
-  finding before and after, the localisation AUROC of the difference map and the L1 distance to the twin.
+  finding before and after, the localisation AUROC of the difference map and the L1 distance to the twin;
+  per grounded phrase, the AUROC and CNR of its heat map against its box.
 
 Example::
 
@@ -325,6 +329,84 @@ def _counterfactual_figure(dims: str, result: dict[str, Any], path: Path, overwr
     plt.close(fig)
 
 
+def _ground_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 1) -> dict[str, Any]:
+    """Phrase heat maps of ``COUNTERFACTUAL_EXAMPLES[dims]`` with the phrase grounding bundle's settings, saved by
+    its ``GroundingSaver``, and measured against each phrase's box."""
+    import torch
+    from monai.data import MetaTensor
+
+    from monai_cfx.handlers import GroundingSaver
+    from monai_cfx.metrics import compute_binned_auroc, compute_cnr
+    from monai_cfx.transforms import PhraseBoxMaskd, PhraseTokensd
+
+    configs = ["configs/inference.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    parser = load_bundle_config(default_bundle_dir("phrase_grounding"), configs, device=torch.device("cpu"))
+    kind, size = parser.get_parsed_content("kind"), parser.get_parsed_content("image_size")
+    inferer, prepare = parser.get_parsed_content("grounding_inferer"), parser.get_parsed_content("prepare_batch")
+    unet, text_encoder = parser.get_parsed_content("load_diffusion"), parser.get_parsed_content("text_encoder")
+    tokens, boxes = PhraseTokensd(text_encoder), PhraseBoxMaskd()
+    saver = GroundingSaver(output_dir / f"grounding_{dims}", overwrite=overwrite)
+    start = time.perf_counter()
+    examples = []
+    for title, findings in COUNTERFACTUAL_EXAMPLES[dims]:
+        subject = generate_phantom(kind, seed, size, findings=findings)
+        image = MetaTensor(torch.from_numpy(subject["image"]), affine=torch.as_tensor(subject["affine"]))
+        image.meta["filename_or_obj"] = f"{kind}_{title.replace(' ', '_')}.nii.gz"
+        item = boxes(tokens({"image": image, "report": subject["report"], "phrases": subject["phrases"]}))
+        batch = {"image": image[None], "prompt": [item["prompt"]], "phrase_tokens": item["phrase_tokens"][None]}
+        images, _, args, kwargs = prepare(batch)
+        heatmaps, masks = inferer(images, unet, *args, **kwargs)
+        saver.save_item({**item, "heatmap": heatmaps[0], "grounding_mask": masks[0]})
+        truth = item["phrase_mask"][:, None]
+        examples.append(
+            {
+                "title": title,
+                "prompt": item["prompt"],
+                "phrases": item["phrase_text"].split(" | "),
+                "auroc": [round(float(v), 4) for v in compute_binned_auroc(heatmaps[0][:, None], truth, None)],
+                "cnr": [round(float(v), 4) for v in compute_cnr(heatmaps[0][:, None], truth)],
+                "arrays": (subject["image"][0], heatmaps[0].numpy(), item["phrase_mask"].numpy()),
+            }
+        )
+    saver.write_manifest()
+    settings = {k: parser.get_parsed_content(k) for k in ("attention_layers", "capture_window", "num_inference_steps")}
+    return {"examples": examples, "seconds": round(time.perf_counter() - start, 2), **settings}
+
+
+def _grounding_figure(dims: str, result: dict[str, Any], path: Path, overwrite: bool) -> None:
+    """One panel per phrase: the image with the phrase's heat map over it and its box outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(e, k) for e in result["examples"] for k in range(len(e["phrases"]))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels), 3.0), squeeze=False)
+    for axis, (example, index) in zip(axes[0], panels):
+        image, heatmap, box = example["arrays"][0], example["arrays"][1][index], example["arrays"][2][index]
+        if dims == "3d":  # the axial slice through the middle of the box
+            depths = np.flatnonzero(box.any(axis=(0, 1)))
+            depth = int(depths[len(depths) // 2])
+            image, heatmap, box = image[:, :, depth], heatmap[:, :, depth], box[:, :, depth]
+        origin = "lower" if dims == "3d" else "upper"
+        axis.imshow(image.T, cmap="gray", vmin=0, vmax=1, origin=origin)
+        axis.imshow(heatmap.T, cmap="jet", vmin=0, vmax=1, alpha=0.45, origin=origin)
+        axis.contour(box.T, levels=[0.5], colors="white", linewidths=0.9)  # follows the image's y direction
+        axis.set_title(f'"{example["phrases"][index]}"', fontsize=7)
+        axis.set_xlabel(f"AUROC {example['auroc'][index]:.2f}, CNR {example['cnr'][index]:.2f}", fontsize=7)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    layers = result["attention_layers"]
+    fig.suptitle(
+        f"Zero-shot phrase grounding\n(cross-attention during DDIM inversion, layers {layers}; box: ground truth)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
 def _finding_statistics(num_subjects: int, seed: int) -> dict[str, Any]:
     """Generation speed and label frequencies of randomly drawn chest and brain subjects."""
     statistics: dict[str, Any] = {}
@@ -389,6 +471,8 @@ def run_showcase(
         "phantoms_2d.png",
         "counterfactuals_2d.png",
         "counterfactuals_3d.png",
+        "grounding_2d.png",
+        "grounding_3d.png",
     )
     for name in ("summary.json", "metrics.json", *figures):
         check_writable(output_dir / name, overwrite)  # fail before the slow part, not after it
@@ -433,6 +517,12 @@ def run_showcase(
         for example in result["examples"]:
             example.pop("arrays")
         metrics[f"counterfactuals_{dims}"] = result
+    grounded = {dims: _ground_phantoms(dims, output_dir, overwrite, seed + 1) for dims in COUNTERFACTUAL_EXAMPLES}
+    for dims, result in grounded.items():
+        _grounding_figure(dims, result, output_dir / f"grounding_{dims}.png", overwrite)
+        for example in result["examples"]:
+            example.pop("arrays")
+        metrics[f"grounding_{dims}"] = result
     write_json(metrics, output_dir / "metrics.json", overwrite)
     summary["outputs"] += ["samples_2d/", "samples_3d/", "samples_2d.png", "samples_3d.png"]
     summary["outputs"] += [
@@ -441,6 +531,7 @@ def run_showcase(
         "counterfactuals_2d.png",
         "counterfactuals_3d.png",
     ]
+    summary["outputs"] += ["grounding_2d/", "grounding_3d/", "grounding_2d.png", "grounding_3d.png"]
     summary["outputs"] += ["metrics.json"]
     summary["sample_agreement"] = {dims: result["agreement"] for dims, result in generated.items()}
     summary["seconds"] = round(time.perf_counter() - start, 2)

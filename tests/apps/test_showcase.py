@@ -32,7 +32,8 @@ class TestShowcase(unittest.TestCase):
                         self.assertEqual("".join(located["tokens"]).replace("#", ""), phrase.replace(" ", ""))
             # samples from the shipped weights, their panel and the oracle's verdicts
             metrics = json.loads(Path(out, "metrics.json").read_text())
-            self.assertEqual(set(metrics), {"2d", "3d", "counterfactuals_2d", "counterfactuals_3d"})
+            expected = {"2d", "3d", "counterfactuals_2d", "counterfactuals_3d", "grounding_2d", "grounding_3d"}
+            self.assertEqual(set(metrics), expected)
             for dims in ("2d", "3d"):
                 result = metrics[dims]
                 records = json.loads(Path(out, f"samples_{dims}", "prompts.json").read_text())
@@ -55,6 +56,14 @@ class TestShowcase(unittest.TestCase):
                 self.assertLess(example["twin_l1_inside"], example["input_twin_l1_inside"], example["title"])
             with Image.open(Path(out, "counterfactuals_2d.png")) as figure:
                 self.assertGreater(min(figure.size), 300)
+            # phrase heat maps of the same phantoms: saved, measured against each phrase's box, drawn
+            for dims in ("2d", "3d"):
+                saved = json.loads(Path(out, f"grounding_{dims}", "grounding.json").read_text())
+                examples = metrics[f"grounding_{dims}"]["examples"]
+                self.assertEqual([r["phrases"] for r in saved], [e["phrases"] for e in examples])
+                self.assertTrue(all(0.0 <= a <= 1.0 for e in examples for a in e["auroc"]))
+                with Image.open(Path(out, f"grounding_{dims}.png")) as figure:
+                    self.assertGreater(min(figure.size), 250)
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)
