@@ -163,7 +163,7 @@ class GroundingMetric(CumulativeIterationMetric):
 
         def means(rows: torch.Tensor) -> dict[str, float]:
             summary = {name: float(torch.nanmean(rows[:, k])) for k, name in enumerate(_MEASURES)}
-            summary["count"] = int(len(rows))
+            summary["count"] = int((~torch.isnan(rows[:, 1])).sum())  # boxes with a defined measure
             return summary
 
         for index, name in enumerate(self.class_names):

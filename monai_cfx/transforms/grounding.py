@@ -122,10 +122,12 @@ class PhraseBoxMaskd(MapTransform):
     ends exclusive, in array indices) into a ``(P, *spatial)`` float mask ``mask_key`` shaped like ``ref_key``'s
     spatial size: the ground truth of box-level grounding metrics (as MS-CXR's).
 
-    With ``allow_missing_keys``, items without phrases or whose phrases carry no boxes pass unchanged.
+    With ``allow_missing_keys``, items without phrases or whose phrases carry no boxes pass unchanged. A phrase
+    without a box next to phrases with boxes gets an empty mask, on which the grounding metrics are undefined
+    and skipped.
 
     Raises:
-        ValueError: when a phrase has no box (while others have) or a box does not fit the reference image.
+        ValueError: when a box is malformed or does not fit the reference image.
     """
 
     def __init__(
@@ -152,6 +154,9 @@ class PhraseBoxMaskd(MapTransform):
         rows = []
         for phrase in phrases:
             box = [int(v) for v in phrase.get("box") or []]
+            if not box:  # no extent known (e.g. a finding the acquisition hid): an empty mask, which metrics skip
+                rows.append(torch.zeros(spatial))
+                continue
             fits = len(box) == 2 * len(spatial) and all(
                 0 <= box[i] < box[i + len(spatial)] <= size for i, size in enumerate(spatial)
             )

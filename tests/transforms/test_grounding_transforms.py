@@ -85,8 +85,14 @@ class TestPhraseBoxMaskd(unittest.TestCase):
         self.assertNotIn("phrase_mask", PhraseBoxMaskd()(plain))
         with self.assertRaisesRegex(ValueError, "inside the image"):
             PhraseBoxMaskd()({"image": torch.zeros(1, 8, 8), "phrases": [{"text": "a", "box": [0, 0, 9, 4]}]})
-        with self.assertRaisesRegex(ValueError, "'b' needs a box"):
-            PhraseBoxMaskd()({"image": torch.zeros(1, 8, 8), "phrases": [{"text": "a", "box": [0, 0, 2, 2]}, "b"]})
+        mixed = {
+            "image": torch.zeros(1, 8, 8),
+            "phrases": [{"text": "a", "box": [0, 0, 2, 2]}, {"text": "b", "box": []}],
+        }
+        masks = PhraseBoxMaskd()(mixed)["phrase_mask"]
+        self.assertEqual((float(masks[0].sum()), float(masks[1].sum())), (4.0, 0.0))  # b: no extent, metrics skip it
+        with self.assertRaisesRegex(ValueError, "'a' needs a box"):
+            PhraseBoxMaskd()({"image": torch.zeros(1, 8, 8), "phrases": [{"text": "a", "box": [0, 0, 2]}]})
 
 
 if __name__ == "__main__":
