@@ -10,3 +10,7 @@
 # limitations under the License.
 
 from __future__ import annotations
+
+from .utils import set_flash_attention
+
+__all__ = ["set_flash_attention"]
