@@ -94,6 +94,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         condition_drop_prob: probability of replacing a prompt by ``""``.
         seed: seed of the prompt-dropout generator.
         image_key: batch key of the images (cached posteriors are ``<image_key>_z_mu`` and ``_z_sigma``).
+        drift_inferer: the trainer's ``monai_cfx.inferers.DriftDiffusionInferer`` for Latent Drifting: it adds
+            the drift δ to the noise it is given, and the target becomes its ``training_target`` (``ε + δ``,
+            or the drifted velocity), with its scheduler's prediction type. The noise returned stays undrifted,
+            so δ is added once.
 
     Example::
 
@@ -114,8 +118,16 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         condition_drop_prob: float = 0.1,
         seed: int = 0,
         image_key: str = "image",
+        drift_inferer: Any | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if drift_inferer is not None:
+            if not callable(getattr(drift_inferer, "training_target", None)):
+                raise ValueError(
+                    "`drift_inferer` must be a DriftDiffusionInferer (with training_target), "
+                    f"got {type(drift_inferer).__name__}."
+                )
+            scheduler, prediction_type = drift_inferer.scheduler, drift_inferer.scheduler.prediction_type
         check_option("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         if prediction_type == "v_prediction" and scheduler is None:
             raise ValueError("`scheduler` is required for prediction_type='v_prediction' (it computes the velocity).")
@@ -129,6 +141,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.text_key = text_key
         self.image_key = image_key
         self.condition_drop_prob = condition_drop_prob
+        self.drift_inferer = drift_inferer
         self._generator = torch.Generator().manual_seed(seed)
         self._contexts: dict[str, torch.Tensor] = {}
 
@@ -154,6 +167,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             return self.autoencoder.encode_stage_2_inputs(images)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.drift_inferer is not None:
+            return self.drift_inferer.training_target(images, noise, timesteps)
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(images, noise, timesteps)  # type: ignore[union-attr]
         return noise

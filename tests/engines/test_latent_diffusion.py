@@ -3,7 +3,7 @@ from __future__ import annotations
 import unittest
 
 import torch
-from monai.networks.nets import AutoencoderKL
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from monai_cfx.engines import (
@@ -12,6 +12,7 @@ from monai_cfx.engines import (
     ReconstructionPrepareBatch,
     compute_scale_factor,
 )
+from monai_cfx.inferers import DriftDiffusionInferer
 from monai_cfx.transforms import EncodeLatentd
 
 
@@ -93,6 +94,32 @@ class TestLatentDiffusionPrepareBatch(unittest.TestCase):
         latents, target, _, kwargs = prepare(self.batch)
         expected = scheduler.get_velocity(latents, kwargs["noise"], kwargs["timesteps"])
         self.assertTrue(torch.allclose(target, expected))
+
+    def test_drift_target_matches_the_drifting_forward_pass(self):
+        unet = DiffusionModelUNet(2, 2, 2, channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
+            norm_num_groups=8)  # fmt: skip
+        for prediction_type in ("epsilon", "v_prediction"):
+            scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+            inferer = DriftDiffusionInferer(scheduler, drift=[0.1, -0.05])
+            prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, drift_inferer=inferer)
+            latents, target, _, kwargs = prepare(self.batch)
+            drifted = kwargs["noise"] + torch.tensor([0.1, -0.05]).view(1, 2, 1, 1)
+            expected = (
+                drifted
+                if prediction_type == "epsilon"
+                else scheduler.get_velocity(latents, drifted, kwargs["timesteps"])
+            )
+            torch.testing.assert_close(target, expected)
+            seen: list[torch.Tensor] = []
+            handle = unet.register_forward_pre_hook(
+                lambda _m, args, kwargs, seen=seen: seen.append(args[0] if args else kwargs["x"]), with_kwargs=True
+            )
+            with torch.no_grad():
+                inferer(latents, unet, noise=kwargs["noise"], timesteps=kwargs["timesteps"])
+            handle.remove()  # the trainer's forward pass adds δ to the same noise once
+            torch.testing.assert_close(seen[0], scheduler.add_noise(latents, drifted, kwargs["timesteps"]))
+        with self.assertRaisesRegex(ValueError, "drift_inferer"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, drift_inferer=object())
 
     def test_cached_posterior(self):
         # latents drawn from EncodeLatentd's cached (z_mu, z_sigma) follow the posterior that a fresh
