@@ -68,9 +68,7 @@ class GroundingPrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor | None, Sequence, dict]:
         missing = {self.image_key, self.prompt_key, self.tokens_key} - set(batchdata)
         if missing:
-            raise ValueError(
-                f"the batch lacks {sorted(missing)} (keys: {sorted(batchdata)}); run PhraseTokensd first."
-            )
+            raise ValueError(f"the batch lacks {sorted(missing)} (keys: {sorted(batchdata)}); run PhraseTokensd first.")
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         prompts = batchdata[self.prompt_key]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
