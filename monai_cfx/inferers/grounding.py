@@ -49,10 +49,10 @@ class CrossAttentionGroundingInferer(Inferer):
     branch is recorded by a :class:`~monai_cfx.visualize.CrossAttentionRecorder` during ``capture_window`` (a
     fraction range of the inversion, default the middle 20 %) on the selected ``layers``. The UNet evaluates the
     recorded branch only inside the window and the inversion stops at the window's end, so ``N`` steps with the
-    default window cost ``0.6 N + 0.2 N`` image evaluations instead of the reference's ``2 N``. Each phrase's heat map
-    is the mean of its tokens' maps, resized to the image, smoothed (``sigma`` pixels), min-max normalised and
-    masked by Otsu's threshold. The inversion does not depend on the phrases, so any number of phrases of one
-    prompt cost one inversion.
+    default window cost ``0.6 N + 0.2 N`` image evaluations instead of the reference's ``2 N``. Each phrase's
+    heat map is the mean over steps and layers of the min-max normalised attention of its tokens (averaged
+    first), resized to the image, smoothed (``sigma`` pixels), min-max normalised and masked by Otsu's threshold.
+    The inversion does not depend on the phrases, so any number of phrases of one prompt cost one inversion.
 
     Args:
         scheduler: a MONAI ``DDIMScheduler``.
@@ -145,7 +145,10 @@ class CrossAttentionGroundingInferer(Inferer):
         conditioning = conditioning.expand(batch_size, *conditioning.shape[1:])
         uncond_conditioning = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
         captured = set(self.captured_steps())
-        recorder = CrossAttentionRecorder(diffusion_model, self.layers, batch_indices=range(batch_size, 2 * batch_size))
+        # one token group per phrase: its tokens are averaged before each map is normalised, as the reference does
+        recorder = CrossAttentionRecorder(
+            diffusion_model, self.layers, token_indices=token_indices, batch_indices=range(batch_size, 2 * batch_size)
+        )
         drive_half = 0 if self.drive == "uncond" else 1
 
         def model(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: object) -> torch.Tensor:
@@ -181,8 +184,7 @@ class CrossAttentionGroundingInferer(Inferer):
                     verbose=self.verbose,
                     timestep_spacing=self.timestep_spacing,
                 )
-            token_maps = recorder.maps()  # (B, L, *latent)
-        phrase_maps = torch.stack([token_maps[:, [int(i) for i in phrase]].mean(1) for phrase in token_indices], 1)
+            phrase_maps = recorder.maps()  # (B, P, *latent)
         size = tuple(inputs.shape[2:])
         mode = "bilinear" if len(size) == 2 else "trilinear"
         heatmaps = F.interpolate(phrase_maps, size=size, mode=mode, align_corners=False)

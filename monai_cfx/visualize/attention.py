@@ -69,7 +69,8 @@ class CrossAttentionRecorder:
             latent), ``"all"``, an int level (resolution = latent size / 2**level), or a sequence of name
             patterns (``fnmatch``, e.g. ``"up_blocks.1.*"``).
         token_indices: token positions to keep (e.g. a phrase's, from ``TextEncoder.phrase_token_indices``);
-            default all tokens.
+            default all tokens. A sequence of sequences groups them: each group's tokens are averaged into one map
+            before the normalisation (a phrase of several tokens is one map, as in the reference code).
         batch_indices: batch rows to record (e.g. the conditional half of a ``[uncond, cond]`` batch); default all.
         normalize_each: min-max normalise each layer/step/token map before averaging, as the reference code.
         size: the common spatial size; default the latent size of the first recorded call.
@@ -85,7 +86,7 @@ class CrossAttentionRecorder:
         self,
         unet: torch.nn.Module,
         layers: str | int | Sequence[str] = "middle",
-        token_indices: Sequence[int] | None = None,
+        token_indices: Sequence[int] | Sequence[Sequence[int]] | None = None,
         batch_indices: Sequence[int] | None = None,
         normalize_each: bool = True,
         size: Sequence[int] | None = None,
@@ -98,7 +99,14 @@ class CrossAttentionRecorder:
             )
         self.unet = unet
         self.layers = self._select(available, layers)
-        self.token_indices = None if token_indices is None else [int(i) for i in token_indices]
+        self.token_groups: list[list[int]] | None = None
+        self.token_indices: list[int] | None = None
+        if token_indices is not None and any(isinstance(t, Sequence) for t in token_indices):
+            self.token_groups = [[int(i) for i in group] for group in token_indices]  # type: ignore[union-attr]
+            if not all(self.token_groups):
+                raise ValueError(f"every group of `token_indices` needs a token, got {token_indices!r}.")
+        elif token_indices is not None:
+            self.token_indices = [int(i) for i in token_indices]  # type: ignore[arg-type]
         self.batch_indices = None if batch_indices is None else [int(i) for i in batch_indices]
         self.normalize_each = normalize_each
         self.size = None if size is None else tuple(int(s) for s in size)
@@ -185,6 +193,8 @@ class CrossAttentionRecorder:
             maps = maps[self.batch_indices]
         if self.token_indices is not None:
             maps = maps[..., self.token_indices]
+        elif self.token_groups is not None:
+            maps = torch.stack([maps[..., group].mean(-1) for group in self.token_groups], -1)
         layer_size = [math.ceil(s / 2**level) for s in self._latent_size]
         if math.prod(layer_size) != maps.shape[1]:
             raise RuntimeError(f"attention of {maps.shape[1]} positions does not fit a layer of size {layer_size}.")
@@ -201,7 +211,7 @@ class CrossAttentionRecorder:
         self.count += 1
 
     def maps(self) -> torch.Tensor:
-        """The mean of the recorded maps ``(B, tokens, *size)``."""
+        """The mean of the recorded maps ``(B, tokens or groups, *size)``."""
         if self._sum is None or self.count == 0:
             raise RuntimeError("nothing was recorded: run the UNet inside the recorder with `recording` True.")
         return self._sum / self.count

@@ -68,6 +68,13 @@ class TestCrossAttentionRecorder(unittest.TestCase):
             run(unet)
         expected = block.att_mat.mean(1)[..., [1, 3]].transpose(1, 2).reshape(2, 2, 4, 4)
         torch.testing.assert_close(recorder.maps(), expected)
+        # token groups: a phrase's tokens are averaged into one map before the per-map normalisation
+        with CrossAttentionRecorder(unet, [name], token_indices=[[1, 3], [2]], size=(4, 4)) as grouped:
+            run(unet)
+        phrase = expected.mean(1, keepdim=True).flatten(2)
+        low, high = phrase.amin(2, keepdim=True), phrase.amax(2, keepdim=True)
+        torch.testing.assert_close(grouped.maps()[:, :1], ((phrase - low) / (high - low)).view(2, 1, 4, 4))
+        self.assertEqual(tuple(grouped.maps().shape), (2, 2, 4, 4))
 
     def test_flash_only_off_on_captured_layers_and_hooks_removed(self):
         unet = conditioned_unet(flash=True)

@@ -78,24 +78,37 @@ def set_timestep_spacing(
     """Call ``scheduler.set_timesteps(num_inference_steps)`` and space its (descending) timesteps by ``spacing``.
 
     ``"linspace"`` keeps MONAI's ``linspace(T - 1, 0, N)``; ``"leading"`` is ``arange(N) * (T // N)``
-    (``980, ..., 20, 0`` for 50 of 1000); ``"trailing"`` is ``T - 1 - arange(N) * (T // N)`` (``999, ..., 19``),
-    which reaches the last training level. ``scheduler.steps_offset`` is added to ``"leading"`` as MONAI does.
-    MONAI's ``step`` takes the previous level as ``t - T // N``, which the leading and trailing spacings match
-    exactly.
+    (``980, ..., 20, 0`` for 50 of 1000; monai-generative's spacing); ``"trailing"`` is
+    ``T - 1 - arange(N) * (T // N)`` (``999, ..., 19``), which reaches the last training level (diffusers'
+    trailing spacing). ``scheduler.steps_offset`` is added to ``"leading"`` as MONAI does. MONAI's ``step`` takes
+    the previous level as ``t - T // N``: the leading and trailing spacings match that exactly, and trailing then
+    ends at the clean level only when ``N`` divides ``T``, so other step counts are refused for it.
 
     Returns:
         ``scheduler.timesteps``.
+
+    Raises:
+        ValueError: for an unknown ``spacing``, or ``"trailing"`` with ``N`` that does not divide ``T``.
     """
     scheduler = _check_scheduler(scheduler)
     num_inference_steps = _check_num_inference_steps(scheduler, num_inference_steps)
     check_option("spacing", spacing, TIMESTEP_SPACINGS)
+    num_train_timesteps = scheduler.num_train_timesteps
+    if spacing == "trailing" and num_train_timesteps % num_inference_steps:
+        divisors = [n for n in range(1, num_train_timesteps + 1) if num_train_timesteps % n == 0]
+        nearest = sorted(divisors, key=lambda n: abs(n - num_inference_steps))[:2]
+        raise ValueError(
+            f"`num_inference_steps`={num_inference_steps} must divide num_train_timesteps={num_train_timesteps} for "
+            f"trailing spacing (the last step would stop short of the clean level); use e.g. {sorted(nearest)} "
+            "steps, or leading spacing."
+        )
     scheduler.set_timesteps(num_inference_steps, device=device)
-    step_ratio = scheduler.num_train_timesteps // num_inference_steps
+    step_ratio = num_train_timesteps // num_inference_steps
     indices = torch.arange(num_inference_steps - 1, -1, -1, device=scheduler.timesteps.device) * step_ratio
     if spacing == "leading":
         scheduler.timesteps = indices + scheduler.steps_offset
     elif spacing == "trailing":
-        scheduler.timesteps = scheduler.num_train_timesteps - 1 - indices.flip(0)
+        scheduler.timesteps = num_train_timesteps - 1 - indices.flip(0)
     return scheduler.timesteps
 
 

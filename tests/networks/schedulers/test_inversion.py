@@ -227,6 +227,12 @@ class TestInversionTimesteps(unittest.TestCase):
         self.assertEqual(inversion_timesteps(scheduler, 10, spacing="trailing").tolist(), list(range(99, 1000, 100)))
         with self.assertRaisesRegex(ValueError, "spacing"):
             set_timestep_spacing(scheduler, 50, "uniform")
+        # MONAI's step goes from t to t - T // N: trailing needs N | T to end at the clean level
+        with self.assertRaisesRegex(ValueError, r"`num_inference_steps`=300 must divide .* \[200, 250\]"):
+            set_timestep_spacing(scheduler, 300, "trailing")
+        # leading works for any N: its first inversion step starts from the clean level (previous level < 0)
+        first = int(inversion_timesteps(scheduler, 300, spacing="leading")[0])
+        self.assertEqual((first, first - 1000 // 300 < 0), (0, True))
 
     @parameterized.expand([["leading"], ["trailing"]])
     def test_round_trip_with_spacing(self, spacing):
