@@ -27,6 +27,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_cfx.inferers import CrossAttentionGroundingInferer
+from monai_cfx.networks import set_flash_attention
 
 
 def rss_mb() -> float:
@@ -53,7 +54,11 @@ def main() -> None:
         attention_levels=(False, False)).eval()  # fmt: skip
     unet = DiffusionModelUNet(2, 2, 2, channels=(16, 16), attention_levels=(True, True), num_res_blocks=1,
         norm_num_groups=8, num_head_channels=8, with_conditioning=True, cross_attention_dim=16).eval()  # fmt: skip
-    inferer = CrossAttentionGroundingInferer(DDIMScheduler(1000, clip_sample=False), 1.0, args.steps, layers="all")
+    set_flash_attention(unet)  # on everywhere, so that the recorder's switching off and restoring is checked
+    # the window starts at step 0, so the failing calls fail while the recorder is capturing
+    inferer = CrossAttentionGroundingInferer(
+        DDIMScheduler(1000, clip_sample=False), 1.0, args.steps, capture_window=(0.0, 0.3), layers="all"
+    )
     image, context, null = torch.rand(1, 1, 32, 32), torch.randn(1, 8, 16), torch.zeros(1, 8, 16)
     wrong_context = torch.randn(1, 8, 12)
     flash = {name: m.use_flash_attention for name, m in unet.named_modules() if hasattr(m, "use_flash_attention")}
@@ -76,7 +81,9 @@ def main() -> None:
         call(index)
     gc.collect()
     growth = rss_mb() - start_rss
-    restored = flash == {name: m.use_flash_attention for name, m in unet.named_modules() if name in flash}
+    restored = all(flash.values()) and flash == {
+        name: m.use_flash_attention for name, m in unet.named_modules() if name in flash
+    }
     print(f"{args.calls} calls ({args.calls // 10} failing inside the UNet) in {time.perf_counter() - start:.0f} s")
     print(f"hooks left on the UNet: {hooks_left(unet)} (goal 0); flash-attention settings restored: {restored}")
     print(f"RSS growth: {growth:+.1f} MB (goal <= 50 MB)")

@@ -329,6 +329,11 @@ def _counterfactual_figure(dims: str, result: dict[str, Any], path: Path, overwr
     plt.close(fig)
 
 
+def _rounded(values: Any) -> list[float | None]:
+    """JSON-ready values: rounded, and None where a measure is undefined (NaN, e.g. a finding without a box)."""
+    return [None if np.isnan(float(v)) else round(float(v), 4) for v in values]
+
+
 def _ground_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 1) -> dict[str, Any]:
     """Phrase heat maps of ``COUNTERFACTUAL_EXAMPLES[dims]`` with the phrase grounding bundle's settings, saved by
     its ``GroundingSaver``, and measured against each phrase's box."""
@@ -363,8 +368,8 @@ def _ground_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 1
                 "title": title,
                 "prompt": item["prompt"],
                 "phrases": item["phrase_text"].split(" | "),
-                "auroc": [round(float(v), 4) for v in compute_binned_auroc(heatmaps[0][:, None], truth, None)],
-                "cnr": [round(float(v), 4) for v in compute_cnr(heatmaps[0][:, None], truth)],
+                "auroc": _rounded(compute_binned_auroc(heatmaps[0][:, None], truth, None)),
+                "cnr": _rounded(compute_cnr(heatmaps[0][:, None], truth)),
                 "arrays": (subject["image"][0], heatmaps[0].numpy(), item["phrase_mask"].numpy()),
             }
         )
@@ -384,16 +389,17 @@ def _grounding_figure(dims: str, result: dict[str, Any], path: Path, overwrite: 
     fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels), 3.0), squeeze=False)
     for axis, (example, index) in zip(axes[0], panels):
         image, heatmap, box = example["arrays"][0], example["arrays"][1][index], example["arrays"][2][index]
-        if dims == "3d":  # the axial slice through the middle of the box
+        if dims == "3d":  # the axial slice through the middle of the box (of the volume for a hidden finding)
             depths = np.flatnonzero(box.any(axis=(0, 1)))
-            depth = int(depths[len(depths) // 2])
+            depth = int(depths[len(depths) // 2]) if len(depths) else box.shape[2] // 2
             image, heatmap, box = image[:, :, depth], heatmap[:, :, depth], box[:, :, depth]
         origin = "lower" if dims == "3d" else "upper"
         axis.imshow(image.T, cmap="gray", vmin=0, vmax=1, origin=origin)
         axis.imshow(heatmap.T, cmap="jet", vmin=0, vmax=1, alpha=0.45, origin=origin)
         axis.contour(box.T, levels=[0.5], colors="white", linewidths=0.9)  # follows the image's y direction
         axis.set_title(f'"{example["phrases"][index]}"', fontsize=7)
-        axis.set_xlabel(f"AUROC {example['auroc'][index]:.2f}, CNR {example['cnr'][index]:.2f}", fontsize=7)
+        auroc, cnr = example["auroc"][index], example["cnr"][index]
+        axis.set_xlabel("no box" if auroc is None else f"AUROC {auroc:.2f}, CNR {cnr:.2f}", fontsize=7)
         axis.set_xticks([])
         axis.set_yticks([])
     layers = result["attention_layers"]

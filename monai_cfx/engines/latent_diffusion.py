@@ -127,7 +127,15 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
                     "`drift_inferer` must be a DriftDiffusionInferer (with training_target), "
                     f"got {type(drift_inferer).__name__}."
                 )
-            scheduler, prediction_type = drift_inferer.scheduler, drift_inferer.scheduler.prediction_type
+            drift_prediction = drift_inferer.scheduler.prediction_type
+            if (scheduler is not None and scheduler is not drift_inferer.scheduler) or (
+                prediction_type != "epsilon" and prediction_type != drift_prediction
+            ):
+                raise ValueError(
+                    "with `drift_inferer`, the scheduler and prediction type are the inferer's "
+                    f"({drift_prediction!r}); leave `scheduler` and `prediction_type` unset."
+                )
+            scheduler, prediction_type = drift_inferer.scheduler, drift_prediction
         check_option("prediction_type", prediction_type, ("epsilon", "v_prediction"))
         if prediction_type == "v_prediction" and scheduler is None:
             raise ValueError("`scheduler` is required for prediction_type='v_prediction' (it computes the velocity).")

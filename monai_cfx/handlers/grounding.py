@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
 from monai_cfx.metrics import GroundingMetric
+from monai_cfx.transforms import PHRASE_SEPARATOR
 from monai_cfx.utils import atomic_path, check_writable, write_nifti
 
 from .saving import ItemSaver, affine_of, iterate_items, to_numpy
@@ -115,7 +116,7 @@ class GroundingSaver(ItemSaver):
         image = item[self.image_key]
         stem = self.unique_stem(item, fallback_stem)
         text = item.get(self.text_key) or ""
-        phrases = [p.strip() for p in str(text).split(" | ")] if text else []
+        phrases = [p.strip() for p in str(text).split(PHRASE_SEPARATOR)] if text else []
         record: dict[str, Any] = {
             "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
             "prompt": item.get(self.prompt_key),

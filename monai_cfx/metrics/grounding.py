@@ -108,10 +108,12 @@ class GroundingMetric(CumulativeIterationMetric):
     masks (one per box or phrase) with each one's finding class, and returns ``(N, 5)``: mIoU, exact AUROC,
     binned AUROC, CNR and the class index. :meth:`aggregate` gives, for every class, the means over its boxes
     and their count, then ``"macro"`` (the mean of the class means) and ``"all"`` (the mean over all boxes).
-    Undefined values (empty or full masks) are skipped. Values sync across ranks like MONAI's metrics.
+    Undefined values (empty or full masks) are skipped. A box of no known class (class index -1, as
+    :class:`~monai_cfx.transforms.PhraseTokensd` marks a finding outside ``class_names``) counts in ``"all"``
+    only. Values sync across ranks like MONAI's metrics.
 
     Args:
-        class_names: the finding classes; ``classes`` may hold names or indices.
+        class_names: the finding classes; ``classes`` may hold names or indices (-1: none of them).
         num_thresholds: bins of the binned AUROC (5 as in published grounding results).
         miou_thresholds: thresholds of the mIoU.
     """
@@ -134,8 +136,8 @@ class GroundingMetric(CumulativeIterationMetric):
             if value not in self.class_names:
                 raise ValueError(f"class {value!r} is not one of `class_names` {self.class_names}.")
             return self.class_names.index(value)
-        if not 0 <= int(value) < len(self.class_names):
-            raise ValueError(f"class index {value!r} is outside `class_names` {self.class_names}.")
+        if not -1 <= int(value) < len(self.class_names):
+            raise ValueError(f"class index {value!r} is outside `class_names` {self.class_names} (or -1 for none).")
         return int(value)
 
     def _compute_tensor(  # type: ignore[override]

@@ -24,13 +24,22 @@ def set_flash_attention(network: torch.nn.Module, enabled: bool = True) -> torch
     The fused kernel never materialises the ``N x N`` attention matrix, which is what lets 3D networks run on
     large volumes: a 3D ``AutoencoderKL``'s self-attention over a 32³ latent alone holds a 32768² matrix
     (4.3 GB) otherwise. Results equal the explicit softmax path up to float rounding; weights are unchanged.
-    Blocks that save their attention (``save_attn=True``), which needs the explicit path, are left as they are;
-    :class:`~monai_cfx.visualize.CrossAttentionRecorder` switches it off on the blocks it captures.
+    Blocks where the fused path is not equivalent are left as they are: those that save their attention
+    (``save_attn=True``), add a relative positional bias, or use attention dropout (MONAI's fused call applies
+    it even in eval mode). :class:`~monai_cfx.visualize.CrossAttentionRecorder` switches it off on the blocks
+    it captures.
 
     Returns:
         ``network``, changed in place.
     """
     for module in network.modules():
-        if hasattr(module, "use_flash_attention") and not getattr(module, "save_attn", False):
+        if not hasattr(module, "use_flash_attention"):
+            continue
+        explicit_only = (
+            getattr(module, "save_attn", False)
+            or getattr(module, "rel_positional_embedding", None) is not None
+            or getattr(module, "dropout_rate", 0.0) > 0
+        )
+        if not explicit_only:
             module.use_flash_attention = bool(enabled)
     return network

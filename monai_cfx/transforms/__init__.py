@@ -19,7 +19,16 @@ from .difference import (
     OtsuThresholdd,
     OtsuThresholdDict,
 )
-from .grounding import PhraseBoxMaskd, PhraseTokensd, phrase_list
+from .grounding import (
+    PHRASE_SEPARATOR,
+    PhraseBoxMaskD,
+    PhraseBoxMaskd,
+    PhraseBoxMaskDict,
+    PhraseTokensD,
+    PhraseTokensd,
+    PhraseTokensDict,
+    phrase_list,
+)
 from .latent import EncodeLatentd
 
 __all__ = [
@@ -32,7 +41,12 @@ __all__ = [
     "OtsuThresholdD",
     "OtsuThresholdDict",
     "OtsuThresholdd",
+    "PHRASE_SEPARATOR",
+    "PhraseBoxMaskD",
+    "PhraseBoxMaskDict",
     "PhraseBoxMaskd",
+    "PhraseTokensD",
+    "PhraseTokensDict",
     "PhraseTokensd",
     "phrase_list",
 ]

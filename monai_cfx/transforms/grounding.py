@@ -19,7 +19,21 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
-__all__ = ["PhraseBoxMaskd", "PhraseTokensd", "phrase_list"]
+from monai_cfx.networks.nets import PhraseTruncatedError
+
+__all__ = [
+    "PHRASE_SEPARATOR",
+    "PhraseBoxMaskD",
+    "PhraseBoxMaskDict",
+    "PhraseBoxMaskd",
+    "PhraseTokensD",
+    "PhraseTokensDict",
+    "PhraseTokensd",
+    "phrase_list",
+]
+
+# joins an item's phrases into one string, so that batches of items collate (a list of strings would not)
+PHRASE_SEPARATOR = " | "
 
 
 def phrase_list(value: Any) -> list[dict[str, Any]]:
@@ -36,6 +50,8 @@ def phrase_list(value: Any) -> list[dict[str, Any]]:
         phrase = dict(item) if isinstance(item, Mapping) else {"text": item}
         if not isinstance(phrase.get("text"), str) or not phrase["text"].strip():
             raise ValueError(f"every phrase needs non-empty text, got {item!r} in {value!r}.")
+        if PHRASE_SEPARATOR in phrase["text"]:
+            raise ValueError(f"a phrase may not contain {PHRASE_SEPARATOR!r} (it joins the phrases), got {item!r}.")
         phrases.append(phrase)
     return phrases
 
@@ -90,10 +106,7 @@ class PhraseTokensd(MapTransform):
         for phrase in phrases:
             try:
                 indices = self.text_encoder.phrase_token_indices(prompt, phrase["text"])
-            except ValueError as error:
-                if phrase["text"].strip().lower() not in prompt.lower():
-                    raise
-                # in the prompt but past the text model's max_length: the model never reads it
+            except PhraseTruncatedError as error:  # in the prompt, but past max_length: the model never reads it
                 warnings.warn(f"{error} The phrase is skipped.", stacklevel=2)
                 continue
             row = torch.zeros(self.text_encoder.max_length, dtype=torch.bool)
@@ -110,7 +123,7 @@ class PhraseTokensd(MapTransform):
         d[found[0]] = phrases  # later transforms (PhraseBoxMaskd) see the phrases kept here
         d[self.prompt_key] = prompt
         d[self.tokens_key] = tokens
-        d[self.text_key] = " | ".join(p["text"].strip() for p in phrases)
+        d[self.text_key] = PHRASE_SEPARATOR.join(p["text"].strip() for p in phrases)
         if self.class_names is not None:
             index = {name: i for i, name in enumerate(self.class_names)}
             d[self.class_key] = torch.tensor([index.get(p.get("finding"), -1) for p in phrases], dtype=torch.long)
@@ -170,3 +183,7 @@ class PhraseBoxMaskd(MapTransform):
             rows.append(mask)
         d[self.mask_key] = torch.stack(rows)
         return d
+
+
+PhraseTokensD = PhraseTokensDict = PhraseTokensd
+PhraseBoxMaskD = PhraseBoxMaskDict = PhraseBoxMaskd

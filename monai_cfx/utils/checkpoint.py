@@ -65,14 +65,22 @@ def load_weights(
         convert = getattr(module, "load_old_state_dict", None)
         if convert is None:
             raise ValueError(f"`legacy_keys` needs a network with load_old_state_dict, got {type(module).__name__}.")
+        leftover = dict(state)  # MONAI's converter pops every key it uses from the dict it is given
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints a line when no key needs renaming
-                convert(dict(state))
+                convert(leftover)
         except (KeyError, RuntimeError) as error:
             raise ValueError(
                 f"checkpoint {str(path)!r} does not fit {type(module).__name__} as a monai-generative checkpoint: "
                 f"{str(error).splitlines()[0][:300]}"
             ) from error
+        # the converter keeps the network's own tensors where the checkpoint has none and ignores extra keys
+        used, expected_count = len(state) - len(leftover), len(module.state_dict())
+        if strict and (leftover or used != expected_count) and len(leftover) != len(state):
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit {type(module).__name__} as a monai-generative checkpoint: "
+                f"{used} of its {expected_count} tensors found, unused keys {sorted(leftover)[:3]}."
+            )
         return module
     expected = module.state_dict()
     if not strict and set(state) <= set(expected):

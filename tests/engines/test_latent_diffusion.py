@@ -120,6 +120,10 @@ class TestLatentDiffusionPrepareBatch(unittest.TestCase):
             torch.testing.assert_close(seen[0], scheduler.add_noise(latents, drifted, kwargs["timesteps"]))
         with self.assertRaisesRegex(ValueError, "drift_inferer"):
             LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, drift_inferer=object())
+        with self.assertRaisesRegex(ValueError, "leave `scheduler` and `prediction_type` unset"):
+            LatentDiffusionPrepareBatch(
+                self.autoencoder, FakeTextEncoder(), 1000, scheduler=DDPMScheduler(1000), drift_inferer=inferer
+            )
 
     def test_cached_posterior(self):
         # latents drawn from EncodeLatentd's cached (z_mu, z_sigma) follow the posterior that a fresh

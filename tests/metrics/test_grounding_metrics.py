@@ -68,6 +68,11 @@ class TestGroundingMetric(unittest.TestCase):
         self.assertAlmostEqual(result["macro"]["auroc"], 0.5)  # mean of class means
         self.assertAlmostEqual(result["all"]["auroc"], 2 / 3)  # mean over boxes
         self.assertEqual(result["macro"]["count"], 2)
+        metric(perfect[:1], mask[:1], classes=[-1])  # a finding of no known class: in "all" only
+        result = metric.aggregate()
+        self.assertAlmostEqual(result["macro"]["auroc"], 0.5)
+        self.assertAlmostEqual(result["all"]["auroc"], 3 / 4)
+        self.assertEqual(result["all"]["count"], 4)
         metric.reset()
         with self.assertRaisesRegex(RuntimeError, "nothing was accumulated"):
             metric.aggregate()
@@ -78,6 +83,8 @@ class TestGroundingMetric(unittest.TestCase):
             metric(box_mask(2), box_mask(2), classes=["opacity"])
         with self.assertRaisesRegex(ValueError, "not one of `class_names`"):
             metric(box_mask(1), box_mask(1), classes=["lesion"])
+        with self.assertRaisesRegex(ValueError, "outside `class_names`"):
+            metric(box_mask(1), box_mask(1), classes=[1])
 
 
 class TestGroundingMetricsHandler(unittest.TestCase):

@@ -21,6 +21,9 @@ class TestSetFlashAttention(unittest.TestCase):
         set_flash_attention(unet, False)
         self.assertFalse(any(m.use_flash_attention for m in blocks))
         self.assertIs(set_flash_attention(autoencoder), autoencoder)
+        blocks[0].dropout_rate = 0.1  # the fused call would drop attention even in eval mode: left alone
+        set_flash_attention(unet)
+        self.assertEqual((blocks[0].use_flash_attention, blocks[1].use_flash_attention), (False, True))
 
 
 if __name__ == "__main__":

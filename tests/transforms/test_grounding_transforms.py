@@ -60,6 +60,8 @@ class TestPhraseTokensd(unittest.TestCase):
         self.assertEqual(kept["phrases"], [{"text": "small pleural effusion"}])  # PhraseBoxMaskd stays aligned
         with self.assertRaisesRegex(ValueError, "no phrase of \\['left lung'\\]"), self.assertWarns(UserWarning):
             PhraseTokensd(self.encoder)({"prompt": long_prompt, "phrase": "left lung"})
+        with self.assertRaisesRegex(ValueError, "may not contain ' \\| '"):
+            PhraseTokensd(self.encoder)({"prompt": PROMPT, "phrases": ["left | right"]})
         with self.assertRaisesRegex(ValueError, "none of the phrase keys"):
             PhraseTokensd(self.encoder)({"prompt": PROMPT})
         with self.assertRaisesRegex(ValueError, "non-empty text"):

@@ -55,6 +55,11 @@ class TestLoadWeights(unittest.TestCase):
             torch.testing.assert_close(loaded.state_dict()[key], value)
         with self.assertRaisesRegex(ValueError, "monai-generative"):
             load_weights(unet((True, True)), self.path, legacy_keys=True)
+        # a tensor missing and an unrelated one added: refused, never loaded half-way
+        partial = {k: v for k, v in old.items() if k != "down_blocks.0.resnets.0.conv1.conv.weight"}
+        torch.save({**partial, "head.weight": torch.zeros(2)}, self.path)
+        with self.assertRaisesRegex(ValueError, r"found, unused keys \['head.weight'\]"):
+            load_weights(unet(), self.path, legacy_keys=True)
         with self.assertRaisesRegex(ValueError, "load_old_state_dict"):
             load_weights(torch.nn.Linear(2, 2), self.path, legacy_keys=True)
 

@@ -25,7 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder"]
+__all__ = ["PhraseTruncatedError", "TextEncoder"]
+
+
+class PhraseTruncatedError(ValueError):
+    """A phrase that is in its prompt but (partly) past the text encoder's ``max_length``: the model never reads it."""
+
 
 # files whose presence marks a folder as holding a tokenizer saved by ``save_pretrained`` (or a raw vocabulary)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
@@ -325,8 +330,9 @@ class TextEncoder(nn.Module):
             Sorted token indices in ``[0, max_length)``.
 
         Raises:
-            ValueError: when ``phrase`` is empty, not in ``prompt``, or (partly) cut off by truncation at
-                ``max_length``; or when the tokenizer is not a fast one (offsets are needed).
+            ValueError: when ``phrase`` is empty or not in ``prompt``, or when the tokenizer is not a fast one
+                (offsets are needed); :class:`PhraseTruncatedError` (a ``ValueError``) when it is (partly) cut off by
+                truncation at ``max_length``.
 
         Example::
 
@@ -375,7 +381,7 @@ class TextEncoder(nn.Module):
         if len(full) == 0:
             raise ValueError(f"`phrase` {phrase!r} maps to no tokens of the prompt {prompt!r}.")
         if len(kept) < len(full):
-            raise ValueError(
+            raise PhraseTruncatedError(
                 f"`phrase` {phrase!r} falls (partly) past the truncation at `max_length`={self.max_length} tokens of "
                 f"the prompt {prompt!r}; shorten the prompt or raise `max_length`."
             )
