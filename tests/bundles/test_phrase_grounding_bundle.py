@@ -18,6 +18,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle
 from tests.networks.nets.test_text_encoder import save_tiny_sd_text_encoder
+from tests.utils.test_checkpoint import legacy_keys
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "phrase_grounding"
 FAST = ["--num_inference_steps", "10"]
@@ -133,16 +134,6 @@ class TestUserDatalistAndBadInput(GroundingCase):
         self.assertFalse((self.tmp / "bad").exists() and list((self.tmp / "bad").iterdir()))
 
 
-def _legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The key names monai-generative used, which the model-zoo checkpoints carry."""
-    renamed = {}
-    for key, value in state.items():
-        if "transformer_blocks" in key and ".out_proj." in key:
-            key = key.replace(".out_proj.", ".to_out.0.")
-        renamed[key.replace("postconv", "conv")] = value
-    return renamed
-
-
 class TestModelZooCXRReplica(GroundingCase):
     """configs/cxr_ldm.json on a tiny network pair saved as the model-zoo bundle lays it out (models/autoencoder.pth,
     models/diffusion_model.pth with monai-generative keys) and a tiny CLIP text encoder in a Stable Diffusion folder."""
@@ -158,8 +149,8 @@ class TestModelZooCXRReplica(GroundingCase):
         unet = DiffusionModelUNet(2, 3, 3, channels=(16, 16, 16), num_res_blocks=2,
             attention_levels=(False, True, True), norm_num_groups=8, num_head_channels=(0, 16, 16),
             with_conditioning=True, cross_attention_dim=32)  # fmt: skip
-        torch.save(_legacy_keys(autoencoder.state_dict()), zoo / "models" / "autoencoder.pth")
-        torch.save(_legacy_keys(unet.state_dict()), zoo / "models" / "diffusion_model.pth")
+        torch.save(legacy_keys(autoencoder.state_dict()), zoo / "models" / "autoencoder.pth")
+        torch.save(legacy_keys(unet.state_dict()), zoo / "models" / "diffusion_model.pth")
         saved = torch.load(zoo / "models" / "diffusion_model.pth", weights_only=True)
         self.assertTrue(any(".to_out.0." in k for k in saved))
 

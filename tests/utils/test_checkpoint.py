@@ -10,6 +10,16 @@ from monai.networks.nets import DiffusionModelUNet
 from monai_cfx.utils import load_weights
 
 
+def legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key names monai-generative used (the model-zoo checkpoints carry them) for a MONAI core state dict."""
+    renamed = {}
+    for key, value in state.items():
+        if "transformer_blocks" in key and ".out_proj." in key:
+            key = key.replace(".out_proj.", ".to_out.0.")
+        renamed[key.replace("postconv", "conv")] = value
+    return renamed
+
+
 def unet(attention_levels=(False, True)) -> DiffusionModelUNet:
     torch.manual_seed(0)
     return DiffusionModelUNet(2, 1, 1, channels=(8, 8), attention_levels=attention_levels, num_res_blocks=1,
@@ -39,11 +49,7 @@ class TestLoadWeights(unittest.TestCase):
 
     def test_monai_generative_checkpoint(self):
         reference = unet().eval()
-        old = {}
-        for key, value in reference.state_dict().items():
-            if "transformer_blocks" in key and ".out_proj." in key:
-                key = key.replace(".out_proj.", ".to_out.0.")
-            old[key.replace("postconv", "conv")] = value
+        old = legacy_keys(reference.state_dict())
         self.assertNotEqual(set(old), set(reference.state_dict()))
         torch.save(old, self.path)
         with self.assertRaisesRegex(ValueError, "does not fit"):
