@@ -18,7 +18,7 @@ run() {  # <name> <overrides...>
         --logging_file configs/logging.conf --data_list_key validation --output_dir "$out/$name" "$@"
 }
 for layers in middle 1 all; do
-    for window in "0.0,0.2" "0.4,0.6" "0.8,1.0"; do
+    for window in "0.0,0.2" "0.2,0.4" "0.4,0.6" "0.6,0.8" "0.8,1.0"; do
         run "layers_${layers}_window_${window/,/_}" --attention_layers "$layers" --capture_window "[$window]" "$@"
     done
 done
