@@ -39,7 +39,6 @@ import torch
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
 from monai_cfx.inferers import CrossAttentionGroundingInferer
 from monai_cfx.metrics import GroundingMetric
-from monai_cfx.networks.schedulers import ddim_invert
 
 
 def bundle(dims: str = "2d", **overrides):
@@ -155,27 +154,12 @@ def overhead(args: argparse.Namespace) -> None:
     config = bundle()
     unet, autoencoder, image, context, null, tokens = _one_image(config)
     inferer = inferer_like(config)
-    captured = set(inferer.captured_steps())
-    steps = inferer.num_inference_steps
     scale = inferer.scale_factor
 
     def without_hooks():
-        # the same UNet passes: the driving branch alone outside the window, both inside, stop at its end
-        recording = {"on": 0 in captured}
-
-        def model(x, t, context, **kwargs):
-            if recording["on"]:
-                return unet(x, t, context=context, **kwargs)
-            return unet(x[:1], t[:1], context=context[:1], **kwargs).repeat(2, *[1] * (x.ndim - 1))
-
-        def toggle(step_index, *_):
-            recording["on"] = step_index + 1 in captured
-
+        # the same UNet passes, no recorder: the inferer's own inversion with nothing recording
         with torch.no_grad():
-            latent = autoencoder.encode(image)[0] * scale
-            ddim_invert(model, inferer.scheduler, latent, steps, context, null, 0.0,
-                        end_fraction=(max(captured) + 1) / steps, callback=toggle, verbose=False,
-                        timestep_spacing=inferer.timestep_spacing)  # fmt: skip
+            inferer.invert(autoencoder.encode(image)[0] * scale, unet, context, null)
 
     def grounding():
         inferer(image, unet, autoencoder, context, null, tokens[:1])

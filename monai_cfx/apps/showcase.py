@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from monai_cfx.data import BRAIN_FINDINGS, CHEST_FINDINGS, brain_phantom, chest_phantom, generate_phantom
-from monai_cfx.utils import atomic_path, check_writable, write_json, write_nifti
+from monai_cfx.utils import check_writable, save_figure, write_json, write_nifti
+from monai_cfx.visualize import draw_heatmap
 
 from .bundle_config import default_bundle_dir, load_bundle_config
 from .generation import oracle_predict, save_generated
@@ -93,9 +94,7 @@ def _chest_figure(subjects: Sequence[tuple[str, dict[str, Any]]], path: Path, ov
         axis.set_xticks([])
         axis.set_yticks([])
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=110)
 
 
 def _brain_figure(subjects: Sequence[tuple[str, dict[str, Any]]], path: Path, overwrite: bool) -> None:
@@ -128,9 +127,7 @@ def _brain_figure(subjects: Sequence[tuple[str, dict[str, Any]]], path: Path, ov
         axis.set_xticks([])
         axis.set_yticks([])
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=100)
 
 
 # (prompt, findings the prompt names) per dimensionality; two seeds each
@@ -219,9 +216,7 @@ def _samples_figure(dims: str, result: dict[str, Any], path: Path, overwrite: bo
         fontsize=8,
     )
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=120)
 
 
 # abnormal phantoms explained by the main job: (title, findings) per dimensionality, seed 1
@@ -324,9 +319,7 @@ def _counterfactual_figure(dims: str, result: dict[str, Any], path: Path, overwr
         axes[row, 2].set_xlabel(f"localisation AUROC {example['localization_auroc']:.2f}", fontsize=7)
     fig.suptitle(f'Healthy counterfactuals: "{result["prompt"]}"', fontsize=9)
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=100)
 
 
 def _rounded(values: Any) -> list[float | None]:
@@ -393,24 +386,17 @@ def _grounding_figure(dims: str, result: dict[str, Any], path: Path, overwrite: 
             depths = np.flatnonzero(box.any(axis=(0, 1)))
             depth = int(depths[len(depths) // 2]) if len(depths) else box.shape[2] // 2
             image, heatmap, box = image[:, :, depth], heatmap[:, :, depth], box[:, :, depth]
-        origin = "lower" if dims == "3d" else "upper"
-        axis.imshow(image.T, cmap="gray", vmin=0, vmax=1, origin=origin)
-        axis.imshow(heatmap.T, cmap="jet", vmin=0, vmax=1, alpha=0.45, origin=origin)
-        axis.contour(box.T, levels=[0.5], colors="white", linewidths=0.9)  # follows the image's y direction
+        draw_heatmap(axis, image, heatmap, box, origin="lower" if dims == "3d" else "upper")
         axis.set_title(f'"{example["phrases"][index]}"', fontsize=7)
         auroc, cnr = example["auroc"][index], example["cnr"][index]
         axis.set_xlabel("no box" if auroc is None else f"AUROC {auroc:.2f}, CNR {cnr:.2f}", fontsize=7)
-        axis.set_xticks([])
-        axis.set_yticks([])
     layers = result["attention_layers"]
     fig.suptitle(
         f"Zero-shot phrase grounding\n(cross-attention during DDIM inversion, layers {layers}; box: ground truth)",
         fontsize=8,
     )
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=100)
 
 
 def _finding_statistics(num_subjects: int, seed: int) -> dict[str, Any]:

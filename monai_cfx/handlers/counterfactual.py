@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 
 from monai_cfx.metrics import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
-from monai_cfx.utils import atomic_path, check_option, check_writable, write_nifti
+from monai_cfx.utils import check_option, save_figure, write_nifti
 
 from .saving import ItemSaver, affine_of, iterate_items, to_numpy
 
@@ -83,9 +82,7 @@ def _panel(
         axis.set_yticks([])
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=110)
 
 
 class CounterfactualSaver(ItemSaver):
@@ -127,24 +124,16 @@ class CounterfactualSaver(ItemSaver):
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         """Write one item's files; returns its manifest record."""
-        for key in (self.image_key, self.counterfactual_key, self.difference_key):
-            if key not in item:
-                raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
+        record, targets = self.new_record(
+            item,
+            (self.counterfactual_key, self.difference_key),
+            fallback_stem,
+            fields={"prompt": item.get(self.prompt_key) or self.default_prompt},
+            files={"counterfactual": "_counterfactual.nii.gz", "difference": "_difference.nii.gz"},
+            png=("panel", "_panel.png") if self.png else None,
+        )
         image = item[self.image_key]
-        stem = self.unique_stem(item, fallback_stem)
         affine = affine_of(image)
-        spatial_dims = torch.as_tensor(image).ndim - 1
-        record: dict[str, Any] = {
-            "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
-            "prompt": item.get(self.prompt_key) or self.default_prompt,
-            "counterfactual": f"{stem}_counterfactual.nii.gz",
-            "difference": f"{stem}_difference.nii.gz",
-        }
-        if self.png and spatial_dims == 2:
-            record["panel"] = f"{stem}_panel.png"
-        targets = [self.output_dir / record[k] for k in ("counterfactual", "difference", "panel") if k in record]
-        for target in targets:
-            check_writable(target, self.overwrite)
         counterfactual = to_numpy(item[self.counterfactual_key])
         difference = to_numpy(item[self.difference_key])
         write_nifti(counterfactual, affine, targets[0], overwrite=self.overwrite)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
 from monai_cfx.metrics import GroundingMetric
 from monai_cfx.transforms import PHRASE_SEPARATOR
-from monai_cfx.utils import atomic_path, check_writable, write_nifti
+from monai_cfx.utils import save_figure, write_nifti
+from monai_cfx.visualize import draw_heatmap
 
 from .saving import ItemSaver, affine_of, iterate_items, to_numpy
 
@@ -56,19 +56,12 @@ def _overlay(
     columns = len(heatmaps)
     fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
     for index, axis in enumerate(axes[0]):
-        axis.imshow(image[0].T, cmap="gray", vmin=0, vmax=1)
-        shown = axis.imshow(heatmaps[index].T, cmap="jet", vmin=0, vmax=1, alpha=0.45)
-        if boxes is not None and boxes[index].any():
-            axis.contour(boxes[index].T, levels=[0.5], colors="white", linewidths=0.9)
+        shown = draw_heatmap(axis, image[0], heatmaps[index], None if boxes is None else boxes[index])
         axis.set_title(phrases[index] if index < len(phrases) else f"phrase {index}", fontsize=8)
-        axis.set_xticks([])
-        axis.set_yticks([])
     fig.colorbar(shown, ax=axes[0, -1], fraction=0.046, pad=0.02)
     fig.suptitle(prompt, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, overwrite, dpi=110)
 
 
 class GroundingSaver(ItemSaver):
@@ -110,26 +103,17 @@ class GroundingSaver(ItemSaver):
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         """Write one item's files; returns its manifest record."""
-        for key in (self.image_key, self.heatmap_key, self.mask_key):
-            if key not in item:
-                raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
-        image = item[self.image_key]
-        stem = self.unique_stem(item, fallback_stem)
         text = item.get(self.text_key) or ""
         phrases = [p.strip() for p in str(text).split(PHRASE_SEPARATOR)] if text else []
-        record: dict[str, Any] = {
-            "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
-            "prompt": item.get(self.prompt_key),
-            "phrases": phrases,
-            "heatmap": f"{stem}_heatmap.nii.gz",
-            "mask": f"{stem}_mask.nii.gz",
-        }
-        spatial_dims = torch.as_tensor(image).ndim - 1
-        if self.png and spatial_dims == 2:
-            record["overlay"] = f"{stem}_overlay.png"
-        targets = [self.output_dir / record[k] for k in ("heatmap", "mask", "overlay") if k in record]
-        for target in targets:
-            check_writable(target, self.overwrite)
+        record, targets = self.new_record(
+            item,
+            (self.heatmap_key, self.mask_key),
+            fallback_stem,
+            fields={"prompt": item.get(self.prompt_key), "phrases": phrases},
+            files={"heatmap": "_heatmap.nii.gz", "mask": "_mask.nii.gz"},
+            png=("overlay", "_overlay.png") if self.png else None,
+        )
+        image = item[self.image_key]
         affine = affine_of(image)
         heatmaps = to_numpy(item[self.heatmap_key])
         write_nifti(heatmaps, affine, targets[0], overwrite=self.overwrite)

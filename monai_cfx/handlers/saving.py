@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,42 @@ class ItemSaver:
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement save_item.")
+
+    def new_record(
+        self,
+        item: Mapping[str, Any],
+        required_keys: Sequence[str],
+        fallback_stem: str,
+        fields: Mapping[str, Any],
+        files: Mapping[str, str],
+        png: tuple[str, str] | None = None,
+    ) -> tuple[dict[str, Any], list[Path]]:
+        """Start an item's manifest record and check its files before any is written.
+
+        The record holds the input's name, ``fields``, one ``<stem><suffix>`` per entry of ``files`` and, for 2D
+        images, ``png`` (key, suffix). Returns the record and the files' paths in that order.
+
+        Raises:
+            ValueError: when the item lacks one of ``required_keys`` (the image's included).
+            FileExistsError: when a file exists and ``overwrite`` is off.
+        """
+        for key in (self.image_key, *required_keys):
+            if key not in item:
+                raise ValueError(f"the item has no {str(key)!r} key (keys: {sorted(item)}); check the postprocessing.")
+        image = item[self.image_key]
+        stem = self.unique_stem(item, fallback_stem)
+        record: dict[str, Any] = {
+            "image": str(image.meta.get("filename_or_obj", stem)) if isinstance(image, MetaTensor) else stem,
+            **fields,
+            **{key: f"{stem}{suffix}" for key, suffix in files.items()},
+        }
+        if png is not None and torch.as_tensor(image).ndim - 1 == 2:
+            record[png[0]] = f"{stem}{png[1]}"
+        keys = [*files, *([png[0]] if png is not None and png[0] in record else [])]
+        targets = [self.output_dir / record[key] for key in keys]
+        for target in targets:
+            check_writable(target, self.overwrite)
+        return record, targets
 
     def unique_stem(self, item: Mapping[str, Any], fallback_stem: str) -> str:
         """The input's file name, prefixed by its folder (then a counter) when an earlier item had the same name,

@@ -221,6 +221,11 @@ class _Drift:
         if self._is_drifting():
             raise NotImplementedError(f"`{method}` does not model the drift; use it with drift=0.")
 
+    def get_likelihood(self, *args: Any, **kwargs: Any) -> Any:
+        """MONAI's likelihood, which assumes no drift: raises ``NotImplementedError`` while δ is in use."""
+        self._check_no_drift_for("get_likelihood")
+        return super().get_likelihood(*args, **kwargs)
+
 
 class DriftDiffusionInferer(_Drift, DiffusionInferer):
     """MONAI's ``DiffusionInferer`` with Latent Drifting (Yeganeh et al., arXiv 2412.20651).
@@ -332,11 +337,6 @@ class DriftDiffusionInferer(_Drift, DiffusionInferer):
             hooks=self.sampling_hooks(hooks),
             verbose=verbose,
         )
-
-    def get_likelihood(self, *args: Any, **kwargs: Any) -> Any:
-        """MONAI's likelihood, which assumes no drift: raises ``NotImplementedError`` while δ is in use."""
-        self._check_no_drift_for("get_likelihood")
-        return super().get_likelihood(*args, **kwargs)
 
 
 class DriftLatentDiffusionInferer(_Drift, TextGuidedLatentDiffusionInferer):
@@ -468,8 +468,3 @@ class DriftLatentDiffusionInferer(_Drift, TextGuidedLatentDiffusionInferer):
             hooks=self.sampling_hooks(hooks),
             verbose=verbose,
         )
-
-    def get_likelihood(self, *args: Any, **kwargs: Any) -> Any:
-        """MONAI's likelihood, which assumes no drift: raises ``NotImplementedError`` while δ is in use."""
-        self._check_no_drift_for("get_likelihood")
-        return super().get_likelihood(*args, **kwargs)

@@ -110,6 +110,58 @@ class CrossAttentionGroundingInferer(Inferer):
         last = max(first + 1, round(end * self.num_inference_steps))
         return list(range(first, min(last, self.num_inference_steps)))
 
+    def invert(
+        self,
+        latent: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        conditioning: torch.Tensor,
+        uncond_conditioning: torch.Tensor,
+        recorder: CrossAttentionRecorder | None = None,
+    ) -> torch.Tensor:
+        """The UNet passes of one grounding: DDIM inversion of ``latent`` up to the end of the capture window, the
+        driving branch alone outside the window and both branches inside it, where ``recorder`` (entered by the
+        caller) records. Without a recorder the same passes run with no hook (the benchmarks' baseline).
+
+        Returns:
+            the latent at the end of the capture window.
+        """
+        batch_size = latent.shape[0]
+        captured = set(self.captured_steps())
+        drive_half = 0 if self.drive == "uncond" else 1
+        inside = {"window": 0 in captured}
+
+        def model(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            # outside the capture window only the driving branch matters: evaluate it once and use it for both
+            # halves, which guidance weight 0 (uncond) or 1 (cond) turns back into exactly that branch's output
+            if inside["window"]:
+                return diffusion_model(x, timesteps, context=context, **kwargs)
+            half = slice(drive_half * batch_size, (drive_half + 1) * batch_size)
+            return diffusion_model(x[half], timesteps[half], context=context[half], **kwargs).repeat(
+                2, *[1] * (x.ndim - 1)
+            )
+
+        def next_step(step_index: int, *_: object) -> None:
+            inside["window"] = step_index + 1 in captured
+            if recorder is not None:
+                recorder.recording = inside["window"]
+
+        if recorder is not None:
+            recorder.recording = inside["window"]
+        # the steps after the window do not change the maps: stop the inversion at its end
+        return ddim_invert(  # type: ignore[return-value]
+            model,
+            self.scheduler,
+            latent,
+            self.num_inference_steps,
+            context=conditioning.expand(batch_size, *conditioning.shape[1:]),
+            uncond_context=uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:]),
+            guidance_scale=0.0 if self.drive == "uncond" else 1.0,
+            end_fraction=(max(captured) + 1) / self.num_inference_steps,
+            callback=next_step,
+            verbose=self.verbose,
+            timestep_spacing=self.timestep_spacing,
+        )
+
     def __call__(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
@@ -142,48 +194,16 @@ class CrossAttentionGroundingInferer(Inferer):
         if any(not 0 <= int(i) < length for phrase in token_indices for i in phrase):
             raise ValueError(f"`token_indices` {token_indices!r} fall outside the prompt's {length} tokens.")
         batch_size = inputs.shape[0]
-        conditioning = conditioning.expand(batch_size, *conditioning.shape[1:])
-        uncond_conditioning = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
-        captured = set(self.captured_steps())
         # one token group per phrase: its tokens are averaged before each map is normalised, as the reference does
         recorder = CrossAttentionRecorder(
             diffusion_model, self.layers, token_indices=token_indices, batch_indices=range(batch_size, 2 * batch_size)
         )
-        drive_half = 0 if self.drive == "uncond" else 1
-
-        def model(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: object) -> torch.Tensor:
-            # outside the capture window only the driving branch matters: evaluate it once and use it for both
-            # halves, which guidance weight 0 (uncond) or 1 (cond) turns back into exactly that branch's output
-            if recorder.recording:
-                return diffusion_model(x, timesteps, context=context, **kwargs)
-            half = slice(drive_half * batch_size, (drive_half + 1) * batch_size)
-            return diffusion_model(x[half], timesteps[half], context=context[half], **kwargs).repeat(
-                2, *[1] * (x.ndim - 1)
-            )
-
-        def next_step(step_index: int, *_: object) -> None:
-            recorder.recording = step_index + 1 in captured
-
         with torch.no_grad():
             # plain tensors inside: MetaTensor meta would follow the maps through batch indexing and smoothing
             images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
             latent = _encode_mean(autoencoder_model, images) * self.scale_factor
-            recorder.recording = 0 in captured
             with recorder:
-                # the steps after the window do not change the maps: stop the inversion at its end
-                ddim_invert(
-                    model,
-                    self.scheduler,
-                    latent,
-                    self.num_inference_steps,
-                    context=conditioning,
-                    uncond_context=uncond_conditioning,
-                    guidance_scale=0.0 if self.drive == "uncond" else 1.0,
-                    end_fraction=(max(captured) + 1) / self.num_inference_steps,
-                    callback=next_step,
-                    verbose=self.verbose,
-                    timestep_spacing=self.timestep_spacing,
-                )
+                self.invert(latent, diffusion_model, conditioning, uncond_conditioning, recorder)
             phrase_maps = recorder.maps()  # (B, P, *latent)
         size = tuple(inputs.shape[2:])
         mode = "bilinear" if len(size) == 2 else "trilinear"

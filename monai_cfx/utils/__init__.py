@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .checkpoint import load_weights
-from .io import atomic_path, check_writable, write_json, write_nifti, write_png
+from .io import atomic_path, check_writable, save_figure, write_json, write_nifti, write_png
 from .validation import check_finite, check_option
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "check_option",
     "check_writable",
     "load_weights",
+    "save_figure",
     "write_json",
     "write_nifti",
     "write_png",

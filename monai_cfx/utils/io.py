@@ -83,6 +83,16 @@ def _write_with(path: str | os.PathLike, writer: Callable[[Path], Any], overwrit
     return Path(path)
 
 
+def save_figure(figure: Any, path: str | os.PathLike, overwrite: bool = False, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it (figures hold memory until closed)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _write_with(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"), overwrite)
+    finally:
+        plt.close(figure)
+
+
 def write_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent: int = 2) -> Path:
     """Write ``obj`` as JSON atomically."""
     text = json.dumps(obj, indent=indent)

@@ -8,10 +8,11 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""What a diffusion model attends to: cross-attention recording."""
+"""What a diffusion model attends to: cross-attention recording, and the heat-map drawing of the outputs."""
 
 from __future__ import annotations
 
 from .attention import CrossAttentionRecorder, cross_attention_layers
+from .figures import draw_heatmap
 
-__all__ = ["CrossAttentionRecorder", "cross_attention_layers"]
+__all__ = ["CrossAttentionRecorder", "cross_attention_layers", "draw_heatmap"]

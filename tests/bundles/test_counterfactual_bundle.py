@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle
+from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle, verify_metadata
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "counterfactual"
 FAST = ["--num_inference_steps", "10", "--batch_size", "4"]
@@ -23,15 +21,19 @@ def run(configs, *overrides):
     return run_bundle(configs, *overrides, bundle=BUNDLE)
 
 
-class CounterfactualCase(unittest.TestCase):
+class ShippedWeightsCase(unittest.TestCase):
+    """A bundle that runs on the latent diffusion bundle's shipped weights, on phantoms of its own (in a temporary
+    folder, ``num_subjects`` of them), with ``configs_3d`` merged for the 3D variant."""
+
     configs_3d: list[str] = []
-    image_size, kind = 64, "chest"
+    image_size, kind, num_subjects = 64, "chest", 60
 
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp())
         # seeds from 5000 on: the shipped weights were trained on seeds below 2000, so every split here is unseen
-        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", "60", "--seed", "5000"]
+        subjects = str(cls.num_subjects)
+        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", subjects, "--seed", "5000"]
 
     @classmethod
     def tearDownClass(cls):
@@ -41,7 +43,7 @@ class CounterfactualCase(unittest.TestCase):
         return [f"configs/{name}.json" for name in names] + self.configs_3d
 
 
-class TestCounterfactualBundle2D(CounterfactualCase):
+class TestCounterfactualBundle2D(ShippedWeightsCase):
     def test_inference_outputs_and_no_overwrite(self):
         out = self.tmp / "inference"
         check_ok(
@@ -84,7 +86,7 @@ class TestCounterfactualBundle3D(TestCounterfactualBundle2D):
     image_size, kind = 32, "brain"
 
 
-class TestTrainedCounterfactual(CounterfactualCase):
+class TestTrainedCounterfactual(ShippedWeightsCase):
     def test_removes_the_finding_and_keeps_the_rest(self):
         """The shipped 2D model, at the bundle's settings, on abnormal phantoms it was not trained on."""
         out = self.tmp / "trained"
@@ -98,7 +100,7 @@ class TestTrainedCounterfactual(CounterfactualCase):
         self.assertLess(metrics["twin_l1_inside"], 0.5 * metrics["l1_inside"])
 
 
-class TestUserDatalistAndBadInput(CounterfactualCase):
+class TestUserDatalistAndBadInput(ShippedWeightsCase):
     def test_own_datalist_with_prompts_and_no_masks(self):
         data = self.tmp / "data"
         check_ok(
@@ -152,9 +154,7 @@ class TestUserDatalistAndBadInput(CounterfactualCase):
 
 class TestCounterfactualMetadata(unittest.TestCase):
     def test_verifies_offline(self):
-        schema = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
-        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json"]
-        result = subprocess.run([*cmd, "--filepath", str(schema)], cwd=BUNDLE, capture_output=True, text=True)
+        result = verify_metadata("configs/metadata.json", bundle=BUNDLE)
         check_ok(self, result)
         self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
 

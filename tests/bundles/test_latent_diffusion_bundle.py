@@ -190,11 +190,16 @@ class TestMultiProcessTraining(BundleCase):
         self.assertTrue((self.tmp / "models" / "diffusion_2d.pt").is_file())
 
 
+def verify_metadata(meta_file, bundle=BUNDLE) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle verify_metadata`` against the bundles' schema, offline, from the bundle folder."""
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*cmd, "--filepath", str(SCHEMA)], cwd=bundle, env=env, capture_output=True, text=True)
+
+
 class TestMetadata(unittest.TestCase):
     def verify(self, meta_file):
-        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.run([*cmd, "--filepath", str(SCHEMA)], cwd=BUNDLE, env=env, capture_output=True, text=True)
+        return verify_metadata(meta_file)
 
     def test_verifies_offline_and_rejects_a_broken_file(self):
         result = self.verify("configs/metadata.json")

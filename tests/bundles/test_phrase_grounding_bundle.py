@@ -4,10 +4,6 @@ a user's datalist, bad input, and a tiny replica of the model-zoo CXR latent dif
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import unittest
 from pathlib import Path
 
@@ -16,7 +12,8 @@ import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle
+from tests.bundles.test_counterfactual_bundle import ShippedWeightsCase
+from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle, verify_metadata
 from tests.networks.nets.test_text_encoder import save_tiny_sd_text_encoder
 from tests.utils.test_checkpoint import legacy_keys
 
@@ -28,22 +25,8 @@ def run(configs, *overrides):
     return run_bundle(configs, *overrides, bundle=BUNDLE)
 
 
-class GroundingCase(unittest.TestCase):
-    configs_3d: list[str] = []
-    kind = "chest"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        # seeds from 5000 on: unseen by the shipped weights (trained on seeds below 2000)
-        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", "100", "--seed", "5000"]
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    def configs(self, *names):
-        return [f"configs/{name}.json" for name in names] + self.configs_3d
+class GroundingCase(ShippedWeightsCase):
+    num_subjects = 100  # enough held-out items with phrases
 
 
 class TestPhraseGroundingBundle2D(GroundingCase):
@@ -192,9 +175,7 @@ class TestModelZooCXRReplica(GroundingCase):
 
 class TestPhraseGroundingMetadata(unittest.TestCase):
     def test_verifies_offline(self):
-        schema = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
-        cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json"]
-        result = subprocess.run([*cmd, "--filepath", str(schema)], cwd=BUNDLE, capture_output=True, text=True)
+        result = verify_metadata("configs/metadata.json", bundle=BUNDLE)
         check_ok(self, result)
         self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
 

@@ -71,31 +71,35 @@ def _clip_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]
     return vocab, merges
 
 
-def save_tiny_sd_text_encoder(folder: str, hidden_size: int = HIDDEN) -> CLIPTextModel:
-    """Save a tiny CLIP text model and BPE tokenizer in a diffusers Stable Diffusion layout (tokenizer/ and
-    text_encoder/), as a local copy of a real Stable Diffusion folder would hold them."""
-    torch.manual_seed(0)
+def _tiny_clip_tokenizer(vocab_dir: str, hidden_size: int = HIDDEN) -> tuple[CLIPTokenizerFast, dict]:
+    """A BPE tokenizer read from vocab.json + merges.txt written to ``vocab_dir``, and a tiny CLIP text config."""
     vocab, merges = _clip_vocab_and_merges(CLIP_WORDS)
-    vocab_dir = os.path.join(folder, "vocab")
     os.makedirs(vocab_dir)
     with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizerFast.from_pretrained(vocab_dir, model_max_length=77)
     eos = vocab["<|endoftext|>"]
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    model = CLIPTextModel(config).eval()
+    text_config = {
+        "vocab_size": len(vocab),
+        "hidden_size": hidden_size,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+    }
+    return CLIPTokenizerFast.from_pretrained(vocab_dir, model_max_length=77), text_config
+
+
+def save_tiny_sd_text_encoder(folder: str, hidden_size: int = HIDDEN) -> CLIPTextModel:
+    """Save a tiny CLIP text model and BPE tokenizer in a diffusers Stable Diffusion layout (tokenizer/ and
+    text_encoder/), as a local copy of a real Stable Diffusion folder would hold them."""
+    torch.manual_seed(0)
+    tokenizer, text_config = _tiny_clip_tokenizer(os.path.join(folder, "vocab"), hidden_size)
+    model = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
     model.save_pretrained(os.path.join(folder, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     return model
@@ -125,26 +129,7 @@ def _build_models(root: str) -> None:
     REFS["bert"] = bert
 
     # tiny CLIP text model with a BPE tokenizer read from vocab.json + merges.txt
-    vocab, merges = _clip_vocab_and_merges(CLIP_WORDS)
-    clip_vocab_dir = os.path.join(root, "clip_vocab")
-    os.makedirs(clip_vocab_dir)
-    with open(os.path.join(clip_vocab_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(clip_vocab_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    clip_tokenizer = CLIPTokenizerFast.from_pretrained(clip_vocab_dir, model_max_length=77)
-    eos = vocab["<|endoftext|>"]
-    text_config = {
-        "vocab_size": len(vocab),
-        "hidden_size": HIDDEN,
-        "intermediate_size": 37,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 77,
-        "bos_token_id": vocab["<|startoftext|>"],
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-    }
+    clip_tokenizer, text_config = _tiny_clip_tokenizer(os.path.join(root, "clip_vocab"))
     clip_text = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
     DIRS["clip_text"] = os.path.join(root, "clip_text")
     clip_text.save_pretrained(DIRS["clip_text"])
