@@ -121,6 +121,21 @@ def timed(function, rounds: int) -> float:
     return statistics.median(times)
 
 
+def alternate(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each run, after one warm-up call each, taking turns for ``repeats`` rounds (so that drift
+    in the machine's speed hits all runs alike); prints them."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run, 1))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in medians.items():
+        print(f"{name}: {value * 1000:.0f} ms")
+    return medians
+
+
 def _one_image(config):
     unet = config.get_parsed_content("load_diffusion").eval()
     autoencoder = config.get_parsed_content("load_autoencoder").eval()
@@ -139,14 +154,7 @@ def phrases(args: argparse.Namespace) -> None:
     inferer = inferer_like(config)
     one = lambda: inferer(image, unet, autoencoder, context, null, tokens[:1])  # noqa: E731
     eight = lambda: inferer(image, unet, autoencoder, context, null, tokens)  # noqa: E731
-    one(), eight()
-    times = {"1 phrase": [], "8 phrases": []}
-    for _ in range(args.repeats):
-        times["1 phrase"].append(timed(one, 1))
-        times["8 phrases"].append(timed(eight, 1))
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    for name, value in medians.items():
-        print(f"{name}: {value * 1000:.0f} ms")
+    medians = alternate({"1 phrase": one, "8 phrases": eight}, args.repeats)
     print(f"8 phrases / 1 phrase = {medians['8 phrases'] / medians['1 phrase']:.3f} (goal <= 3)")
 
 
@@ -164,14 +172,7 @@ def overhead(args: argparse.Namespace) -> None:
     def grounding():
         inferer(image, unet, autoencoder, context, null, tokens[:1])
 
-    without_hooks(), grounding()
-    times = {"without hooks": [], "grounding": []}
-    for _ in range(args.repeats):
-        times["without hooks"].append(timed(without_hooks, 1))
-        times["grounding"].append(timed(grounding, 1))
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    for name, value in medians.items():
-        print(f"{name}: {value * 1000:.0f} ms")
+    medians = alternate({"without hooks": without_hooks, "grounding": grounding}, args.repeats)
     print(
         f"grounding / same passes without hooks = {medians['grounding'] / medians['without hooks']:.3f} (goal <= 1.15)"
     )

@@ -503,18 +503,17 @@ def run_showcase(
     metrics = {
         dims: {key: value for key, value in result.items() if key != "images"} for dims, result in generated.items()
     }
-    explained = {dims: _explain_phantoms(dims, output_dir, overwrite, seed + 1) for dims in COUNTERFACTUAL_EXAMPLES}
-    for dims, result in explained.items():
-        _counterfactual_figure(dims, result, output_dir / f"counterfactuals_{dims}.png", overwrite)
-        for example in result["examples"]:
-            example.pop("arrays")
-        metrics[f"counterfactuals_{dims}"] = result
-    grounded = {dims: _ground_phantoms(dims, output_dir, overwrite, seed + 1) for dims in COUNTERFACTUAL_EXAMPLES}
-    for dims, result in grounded.items():
-        _grounding_figure(dims, result, output_dir / f"grounding_{dims}.png", overwrite)
-        for example in result["examples"]:
-            example.pop("arrays")
-        metrics[f"grounding_{dims}"] = result
+    # the same abnormal phantoms explained twice: healthy counterfactuals, then phrase grounding
+    for name, explain, draw in (
+        ("counterfactuals", _explain_phantoms, _counterfactual_figure),
+        ("grounding", _ground_phantoms, _grounding_figure),
+    ):
+        for dims in COUNTERFACTUAL_EXAMPLES:
+            result = explain(dims, output_dir, overwrite, seed + 1)
+            draw(dims, result, output_dir / f"{name}_{dims}.png", overwrite)
+            for example in result["examples"]:
+                example.pop("arrays")  # drawn; not for metrics.json
+            metrics[f"{name}_{dims}"] = result
     write_json(metrics, output_dir / "metrics.json", overwrite)
     summary["outputs"] += ["samples_2d/", "samples_3d/", "samples_2d.png", "samples_3d.png"]
     summary["outputs"] += [
