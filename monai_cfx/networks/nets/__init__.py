@@ -12,6 +12,6 @@
 from __future__ import annotations
 
 from .finding_classifier import FindingClassifier
-from .text_encoder import PhraseTruncatedError, TextEncoder
+from .text_encoder import AddedTokenEmbedding, PhraseTruncatedError, TextEncoder
 
-__all__ = ["FindingClassifier", "PhraseTruncatedError", "TextEncoder"]
+__all__ = ["AddedTokenEmbedding", "FindingClassifier", "PhraseTruncatedError", "TextEncoder"]

@@ -25,11 +25,56 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PhraseTruncatedError", "TextEncoder"]
+__all__ = ["AddedTokenEmbedding", "PhraseTruncatedError", "TextEncoder"]
 
 
 class PhraseTruncatedError(ValueError):
     """A phrase that is in its prompt but (partly) past the text encoder's ``max_length``: the model never reads it."""
+
+
+class AddedTokenEmbedding(nn.Module):
+    """A text model's token embedding with learnable rows for added tokens, the base rows left untouched.
+
+    Ids below the base vocabulary size look up the base embedding; ids from there on look up :attr:`added`.
+    Only :attr:`added` needs gradients, so an optimizer over it (Textual Inversion) can never move an existing
+    token's embedding, whatever its weight decay. :attr:`weight` is the concatenated table, for code that reads
+    a Hugging Face model's input embedding matrix.
+
+    Args:
+        base: the text model's ``nn.Embedding``.
+        added: initial rows ``(num_added, embedding_dim)`` of the added tokens.
+    """
+
+    def __init__(self, base: nn.Embedding, added: torch.Tensor) -> None:
+        super().__init__()
+        if added.ndim != 2 or added.shape[1] != base.embedding_dim:
+            raise ValueError(f"`added` must have shape (num_added, {base.embedding_dim}), got {tuple(added.shape)}.")
+        self.base = base
+        self.added = nn.Parameter(added.to(base.weight))
+
+    @property
+    def num_base(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.num_base + self.added.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base.weight, self.added])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_added = input_ids >= self.num_base
+        embedded = self.base(input_ids.clamp(max=self.num_base - 1))
+        if not bool(is_added.any()):
+            return embedded
+        rows = self.added[(input_ids - self.num_base).clamp(min=0)]
+        return torch.where(is_added.unsqueeze(-1), rows, embedded)
 
 
 # files whose presence marks a folder as holding a tokenizer saved by ``save_pretrained`` (or a raw vocabulary)
@@ -244,7 +289,9 @@ class TextEncoder(nn.Module):
         input_ids = tokens["input_ids"].to(device)
         attention_mask = tokens["attention_mask"].to(device)
         kwargs = {"attention_mask": attention_mask} if self._use_attention_mask else {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+        # a frozen model still passes gradients on to added token embeddings that learn (Textual Inversion)
+        needs_grad = not self.freeze or any(p.requires_grad for p in self.text_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             hidden = self.text_model(input_ids=input_ids, **kwargs).last_hidden_state
         return hidden, attention_mask
 
@@ -386,3 +433,115 @@ class TextEncoder(nn.Module):
                 f"the prompt {prompt!r}; shorten the prompt or raise `max_length`."
             )
         return kept
+
+    @property
+    def added_tokens(self) -> list[str]:
+        """The tokens added with :meth:`add_tokens`, in the order of their embedding rows."""
+        return list(getattr(self, "_added_tokens", []))
+
+    def _added_embedding(self) -> AddedTokenEmbedding | None:
+        embedding = self.text_model.get_input_embeddings()
+        return embedding if isinstance(embedding, AddedTokenEmbedding) else None
+
+    def add_tokens(self, tokens: str | Sequence[str], initializer: str | None = None) -> list[int]:
+        """Add new tokens (e.g. a Textual Inversion placeholder ``"<target-domain>"``) with learnable embeddings.
+
+        Each token is added to the tokenizer as one indivisible token, and gets an embedding row in an
+        :class:`AddedTokenEmbedding` that replaces the text model's input embedding. The base rows keep their
+        values and stay frozen; the new rows require gradients (see :meth:`token_embedding_parameters`), and
+        gradients reach them through the frozen text model.
+
+        Args:
+            tokens: one token or several; each non-empty, without whitespace, and not yet known to the tokenizer.
+            initializer: words whose mean token embedding starts the new rows (e.g. ``"radiograph"``); ``None``
+                starts them at the mean of the base embeddings.
+
+        Returns:
+            the ids of the new tokens.
+
+        Raises:
+            ValueError: when a token is empty, holds whitespace, repeats, or is already in the vocabulary, or when
+                ``initializer`` maps to no token.
+
+        Example::
+
+            encoder.add_tokens("<target-domain>", initializer="radiograph")
+            optimizer = torch.optim.AdamW(encoder.token_embedding_parameters(), lr=5e-3)
+        """
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        if not tokens:
+            raise ValueError("`tokens` must name at least one token to add.")
+        vocabulary = self.tokenizer.get_vocab()
+        for token in tokens:
+            if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+                raise ValueError(f"`tokens` must be non-empty strings without whitespace, got {token!r}.")
+            if token in vocabulary or (token.lower() in vocabulary and getattr(self.tokenizer, "do_lower_case", False)):
+                raise ValueError(
+                    f"the token {token!r} is already in the vocabulary of {self.path!r}; choose a new placeholder "
+                    "such as '<target-domain>'."
+                )
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"`tokens` must not repeat, got {tokens!r}.")
+        embedding = self._added_embedding()
+        base = embedding.base if embedding is not None else self.text_model.get_input_embeddings()
+        if not isinstance(base, nn.Embedding):
+            raise ValueError(f"the text model's input embedding is a {type(base).__name__}, not an nn.Embedding.")
+        with torch.no_grad():
+            if initializer is None:
+                start = base.weight.mean(0)
+            else:
+                ids = self.tokenizer(initializer, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"`initializer` {initializer!r} maps to no token.")
+                start = base.weight[torch.as_tensor(ids, device=base.weight.device)].mean(0)
+            rows = start.expand(len(tokens), -1).clone()
+        num_before = len(self.tokenizer)
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        expected = list(range(num_before, num_before + len(tokens)))
+        previous = embedding.added.detach() if embedding is not None else rows[:0]
+        if ids != expected or num_before != base.num_embeddings + previous.shape[0]:
+            raise RuntimeError(
+                f"the tokenizer gave the new tokens ids {ids}, expected {expected} after the "
+                f"{base.num_embeddings + previous.shape[0]} embedding rows."
+            )
+        self.text_model.set_input_embeddings(AddedTokenEmbedding(base, torch.cat([previous, rows])))
+        self._added_tokens = self.added_tokens + tokens
+        return ids
+
+    def token_embedding_parameters(self) -> list[nn.Parameter]:
+        """The learnable embeddings of the added tokens (empty without :meth:`add_tokens`), for an optimizer."""
+        embedding = self._added_embedding()
+        return [] if embedding is None else [embedding.added]
+
+    def token_embeddings_state(self) -> dict[str, Any]:
+        """``{"tokens": [...], "embeddings": (num_added, hidden_size)}``: what Textual Inversion learned, to save
+        (it loads with ``torch.load(..., weights_only=True)``) and restore with :meth:`load_token_embeddings`."""
+        embedding = self._added_embedding()
+        rows = embedding.added.detach().cpu().clone() if embedding is not None else torch.zeros(0, self.hidden_size)
+        return {"tokens": self.added_tokens, "embeddings": rows}
+
+    def load_token_embeddings(self, state: dict[str, Any]) -> None:
+        """Set added tokens' embeddings from :meth:`token_embeddings_state`, adding the tokens that are missing.
+
+        Raises:
+            ValueError: when ``state`` lacks ``tokens``/``embeddings``, their counts differ, or the embedding size is
+                not the text model's hidden size.
+        """
+        if not isinstance(state, dict) or "tokens" not in state or "embeddings" not in state:
+            raise ValueError("`state` must be a dict with 'tokens' and 'embeddings' (see token_embeddings_state).")
+        tokens, rows = list(state["tokens"]), torch.as_tensor(state["embeddings"])
+        if rows.ndim != 2 or rows.shape != (len(tokens), self.hidden_size):
+            raise ValueError(
+                f"`state['embeddings']` must have shape ({len(tokens)}, {self.hidden_size}) for {len(tokens)} tokens, "
+                f"got {tuple(rows.shape)}."
+            )
+        missing = [token for token in tokens if token not in self.added_tokens]
+        if missing:
+            self.add_tokens(missing)
+        embedding = self._added_embedding()
+        if embedding is None:
+            return
+        with torch.no_grad():
+            for token, row in zip(tokens, rows):
+                embedding.added[self.added_tokens.index(token)] = row.to(embedding.added)

@@ -105,10 +105,10 @@ def save_tiny_sd_text_encoder(folder: str, hidden_size: int = HIDDEN) -> CLIPTex
     return model
 
 
-def _build_models(root: str) -> None:
+def save_tiny_bert(folder: str, vocab_dir: str | None = None) -> tuple[BertModel, BertTokenizerFast]:
+    """A tiny BERT (hidden size ``HIDDEN``) with a word-piece tokenizer read from vocab.txt, saved to ``folder``."""
     torch.manual_seed(0)
-    # tiny BERT with a word-piece tokenizer read from vocab.txt
-    vocab_dir = os.path.join(root, "bert_vocab")
+    vocab_dir = vocab_dir or os.path.join(folder, "vocab")
     os.makedirs(vocab_dir)
     with open(os.path.join(vocab_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(BERT_VOCAB) + "\n")
@@ -123,9 +123,14 @@ def _build_models(root: str) -> None:
             max_position_embeddings=128,
         )
     ).eval()
+    bert.save_pretrained(folder)
+    bert_tokenizer.save_pretrained(folder)
+    return bert, bert_tokenizer
+
+
+def _build_models(root: str) -> None:
     DIRS["bert"] = os.path.join(root, "bert")
-    bert.save_pretrained(DIRS["bert"])
-    bert_tokenizer.save_pretrained(DIRS["bert"])
+    bert, bert_tokenizer = save_tiny_bert(DIRS["bert"], os.path.join(root, "bert_vocab"))
     REFS["bert"] = bert
 
     # tiny CLIP text model with a BPE tokenizer read from vocab.json + merges.txt
@@ -348,6 +353,79 @@ class TestFreezeAndProjection(unittest.TestCase):
         encoder.eval()
         encoder(["left lung"]).sum().backward()
         self.assertTrue(any(p.grad is not None for p in encoder.text_model.parameters()))
+
+
+class TestAddedTokens(unittest.TestCase):
+    @parameterized.expand([("bert",), ("clip_text",)])
+    def test_new_token_learns_alone(self, folder):
+        encoder = TextEncoder(DIRS[folder], max_length=16)
+        before = encoder(PROMPTS).detach()
+        base_rows = encoder.text_model.get_input_embeddings().weight.detach().clone()
+        (new_id,) = encoder.add_tokens("<target-domain>", initializer="left lung")
+        self.assertEqual(new_id, base_rows.shape[0])
+        self.assertEqual(encoder.added_tokens, ["<target-domain>"])
+        # the token is one indivisible token, and prompts without it encode exactly as before
+        self.assertIn(new_id, encoder.tokenizer("<target-domain> chest x-ray")["input_ids"])
+        self.assertTrue(torch.equal(encoder(PROMPTS), before))
+        # it starts at the mean embedding of the initializer's tokens
+        init_ids = encoder.tokenizer("left lung", add_special_tokens=False)["input_ids"]
+        (added,) = encoder.token_embedding_parameters()
+        self.assertTrue(torch.allclose(added[0], base_rows[init_ids].mean(0)))
+
+        optimizer = torch.optim.AdamW(encoder.token_embedding_parameters(), lr=0.1, weight_decay=0.5)
+        for _ in range(3):
+            optimizer.zero_grad()
+            encoder(["<target-domain> chest x-ray"]).pow(2).mean().backward()
+            self.assertGreater(float(added.grad.abs().sum()), 0.0)
+            optimizer.step()
+        self.assertTrue(all(p.grad is None for p in encoder.text_model.parameters() if p is not added))
+        self.assertTrue(torch.equal(encoder.text_model.get_input_embeddings().base.weight, base_rows))
+        self.assertFalse(torch.allclose(added[0], base_rows[init_ids].mean(0)))
+        self.assertTrue(torch.equal(encoder(PROMPTS), before))  # weight decay never reached the base rows
+        with torch.no_grad():
+            self.assertFalse(encoder(["<target-domain> lung"]).requires_grad)
+
+        # the learned embedding alone restores the encoding in a fresh encoder, through torch.load(weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "tokens.pt")
+            torch.save(encoder.token_embeddings_state(), path)
+            restored = TextEncoder(DIRS[folder], max_length=16)
+            restored.load_token_embeddings(torch.load(path, weights_only=True))
+        prompt = ["<target-domain> chest x-ray with small pleural effusions"]
+        self.assertTrue(torch.allclose(restored(prompt), encoder(prompt).detach(), atol=1e-6))
+
+    def test_second_token_keeps_first(self):
+        encoder = TextEncoder(DIRS["bert"], max_length=12)
+        encoder.add_tokens("<a>")
+        first = encoder(["<a> lung"]).detach()
+        encoder.add_tokens(["<b>", "<c>"])
+        self.assertEqual(encoder.added_tokens, ["<a>", "<b>", "<c>"])
+        self.assertTrue(torch.equal(encoder(["<a> lung"]), first))
+        self.assertEqual(encoder.token_embeddings_state()["embeddings"].shape, (3, HIDDEN))
+
+    @parameterized.expand(
+        [
+            ("known", "lung", None, "already in the vocabulary"),
+            ("known_cased", "LUNG", None, "already in the vocabulary"),
+            ("space", "<a b>", None, "without whitespace"),
+            ("empty", "", None, "without whitespace"),
+            ("repeated", ["<a>", "<a>"], None, "must not repeat"),
+            ("initializer", "<a>", "", "maps to no token"),
+        ]
+    )
+    def test_errors_leave_encoder_unchanged(self, _, tokens, initializer, message):
+        encoder = TextEncoder(DIRS["bert"], max_length=12)
+        before = len(encoder.tokenizer)
+        with self.assertRaisesRegex(ValueError, message):
+            encoder.add_tokens(tokens, initializer=initializer)
+        self.assertEqual((len(encoder.tokenizer), encoder.added_tokens), (before, []))
+
+    def test_bad_state(self):
+        encoder = TextEncoder(DIRS["bert"], max_length=12)
+        with self.assertRaisesRegex(ValueError, "'tokens' and 'embeddings'"):
+            encoder.load_token_embeddings({"tokens": ["<a>"]})
+        with self.assertRaisesRegex(ValueError, "shape"):
+            encoder.load_token_embeddings({"tokens": ["<a>"], "embeddings": torch.zeros(1, HIDDEN + 1)})
 
 
 class TestErrors(unittest.TestCase):
