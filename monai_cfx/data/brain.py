@@ -53,10 +53,29 @@ def _article(phrase: str) -> str:
     return "a " + phrase
 
 
-def _anatomy(rng: np.random.Generator, age: float | None) -> dict[str, Any]:
-    jitter = lambda scale: float(rng.uniform(-scale, scale))  # noqa: E731
+def _check_age(age: Any) -> float | tuple[float, float] | None:
+    """``age`` as a number, a ``(low, high)`` tuple or ``None``, all within the phantoms' age range."""
     if age is None:
-        age = float(rng.uniform(*_AGE_RANGE))
+        return None
+    values = [age] if np.isscalar(age) else list(age) if isinstance(age, Sequence) else []
+    valid = (
+        len(values) in (1, 2)
+        and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
+        and all(np.isfinite(v) and _AGE_RANGE[0] <= v <= _AGE_RANGE[1] for v in values)
+        and values == sorted(values)
+        and (np.isscalar(age) or len(values) == 2)
+    )
+    if not valid:
+        raise ValueError(
+            f"`age` must be a number in {list(_AGE_RANGE)}, a range (low, high) within it, or None, got {age!r}."
+        )
+    return float(values[0]) if np.isscalar(age) else (float(values[0]), float(values[1]))
+
+
+def _anatomy(rng: np.random.Generator, age: float | tuple[float, float] | None) -> dict[str, Any]:
+    jitter = lambda scale: float(rng.uniform(-scale, scale))  # noqa: E731
+    if age is None or isinstance(age, tuple):
+        age = float(rng.uniform(*(age or _AGE_RANGE)))
     return {
         "head_radii": (0.74 + jitter(0.03), 0.9 + jitter(0.03), 0.78 + jitter(0.03)),
         "age": float(age),
@@ -68,7 +87,7 @@ def brain_phantom(
     seed: int,
     size: int = 64,
     findings: Sequence[str | Mapping[str, Any]] | None = None,
-    age: float | None = None,
+    age: float | Sequence[float] | None = None,
     domain: str | Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Generate a 3D brain MRI phantom together with its healthy twin and ground truth.
@@ -85,7 +104,8 @@ def brain_phantom(
         findings: ``None`` draws 0-3 lesions at random from the seed (about 40 % normal); ``[]`` is
             normal; otherwise a list of ``"lesion"`` or ``{"name": "lesion", "side": "left",
             "region": "frontal"}`` (regions: ``REGIONS``); a lesion may be listed several times.
-        age: years, in [20, 90]; ``None`` draws it from the seed. It is anatomy, shared by the twin.
+        age: years, in [20, 90]; a range ``(low, high)`` within it, or ``None`` for all of it, draws the age from
+            the seed (an ageing population: ``age=(70, 90)``). It is anatomy, shared by the twin.
         domain: acquisition domain (see ``monai_cfx.data.resolve_domain``).
 
     Returns:
@@ -101,8 +121,7 @@ def brain_phantom(
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 16:
         raise ValueError(f"`size` must be an int >= 16, got {size!r}.")
-    if age is not None and not (np.isfinite(age) and _AGE_RANGE[0] <= age <= _AGE_RANGE[1]):
-        raise ValueError(f"`age` must be a number in {list(_AGE_RANGE)} or None, got {age!r}.")
+    age = _check_age(age)
     settings = resolve_domain(domain)
     anatomy_rng, finding_rng, noise_rng, texture_rng = (np.random.default_rng([int(seed), k]) for k in range(4))
     anatomy = _anatomy(anatomy_rng, age)

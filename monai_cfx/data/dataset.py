@@ -214,6 +214,7 @@ def ensure_phantom_datalist(
     num: int = 1000,
     seed: int = 0,
     size: int | None = None,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
     **phantom_kwargs: Any,
 ) -> str:
     """Return ``dataset_dir/datalist.json``, writing the phantom dataset there first if it does not exist.
@@ -227,5 +228,5 @@ def ensure_phantom_datalist(
         if written_kind != kind:
             raise ValueError(f"`dataset_dir` {str(dataset_dir)!r} holds {written_kind!r} phantoms, expected {kind!r}.")
         return str(datalist)
-    write_phantom_dataset(dataset_dir, kind, num, seed, size, **phantom_kwargs)
+    write_phantom_dataset(dataset_dir, kind, num, seed, size, split=split, **phantom_kwargs)
     return str(datalist)
