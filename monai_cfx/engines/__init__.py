@@ -13,6 +13,15 @@
 from __future__ import annotations
 
 from .counterfactual import CounterfactualPrepareBatch
+from .finetune import (
+    FINETUNE_MODES,
+    FineTunePrepareBatch,
+    FineTuning,
+    PriorPreservationLoss,
+    apply_finetuned,
+    generate_prior_latents,
+    load_finetuned,
+)
 from .grounding import GroundingPrepareBatch
 from .latent_diffusion import (
     AutoencoderKLLoss,
@@ -22,10 +31,17 @@ from .latent_diffusion import (
 )
 
 __all__ = [
+    "FINETUNE_MODES",
     "AutoencoderKLLoss",
     "CounterfactualPrepareBatch",
+    "FineTunePrepareBatch",
+    "FineTuning",
     "GroundingPrepareBatch",
     "LatentDiffusionPrepareBatch",
+    "PriorPreservationLoss",
     "ReconstructionPrepareBatch",
+    "apply_finetuned",
     "compute_scale_factor",
+    "generate_prior_latents",
+    "load_finetuned",
 ]
