@@ -34,13 +34,22 @@ import torch
 from monai.metrics import FIDMetric
 from monai.utils import optional_import
 
-from monai_cfx.apps.generation import oracle_predict
+from monai_cfx.apps.generation import generate_images, oracle_predict
 from monai_cfx.metrics import compute_kid
 from monai_cfx.utils import atomic_path, check_finite, check_option, check_writable, save_figure, write_json
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["distribution_distances", "drift_grid", "drift_search", "monte_carlo_l1", "write_drift_search"]
+__all__ = [
+    "DriftSampler",
+    "distribution_distances",
+    "drift_grid",
+    "drift_search",
+    "evaluate_drift",
+    "monte_carlo_l1",
+    "split_fractions",
+    "write_drift_search",
+]
 
 CRITERIA = ("l1", "fid", "kid")
 CSV_COLUMNS = ("drift", "l1", "fid", "kid", "kid_std", "seconds")
@@ -504,3 +513,134 @@ def write_drift_search(
         tmp.write_text(buffer.getvalue())
     _plot_drift_search(result, paths["png"], overwrite)
     return paths
+
+
+def split_fractions(*counts: int) -> list[float]:
+    """The ``split`` fractions of :func:`monai_cfx.data.write_phantom_dataset` that give exactly ``counts`` subjects
+    per split (training, validation, testing), e.g. ``split_fractions(32, 200, 200)``."""
+    if len(counts) != 3 or any(isinstance(c, bool) or not isinstance(c, Integral) or c < 0 for c in counts):
+        raise ValueError(f"`counts` must be three non-negative ints (training, validation, testing), got {counts!r}.")
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("`counts` must hold at least one subject.")
+    return [c / total for c in counts]
+
+
+class DriftSampler:
+    """Sampling from a (fine-tuned) text-to-image latent diffusion model at any drift δ.
+
+    ``sampler.generate(prompts, seeds, drift)`` gives one image per prompt, with the fine-tuning token in front of
+    every prompt; ``sampler(drift, num_samples, seed)`` is the ``generate`` callable of :func:`drift_search`, cycling
+    through :attr:`prompts` (e.g. the target set's reports) from seed ``seed`` on, so that every δ sees the same
+    prompts and the same noise.
+
+    Args:
+        inferer: a :class:`~monai_cfx.inferers.DriftLatentDiffusionInferer`; its ``drift`` is the default δ and is
+            restored after each call.
+        autoencoder: the autoencoder that decodes the latents.
+        unet: the diffusion model.
+        text_encoder: the text encoder (holding the token of a Textual Inversion or Custom Diffusion checkpoint).
+        latent_shape: ``(C, *spatial)`` of a latent.
+        token: the fine-tuning token (``None`` for the pretrained model or mode ``full``).
+        prompts: the prompts that ``__call__`` cycles through; set them before a search.
+        guidance_scale, num_inference_steps, batch_size, device: as :func:`~monai_cfx.apps.generation.generate_images`.
+    """
+
+    def __init__(
+        self,
+        inferer: Any,
+        autoencoder: torch.nn.Module,
+        unet: torch.nn.Module,
+        text_encoder: Any,
+        latent_shape: Sequence[int],
+        token: str | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 3.0,
+        num_inference_steps: int = 50,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not callable(getattr(inferer, "initial_sample", None)):
+            raise ValueError(f"`inferer` must be a DriftLatentDiffusionInferer, got {type(inferer).__name__}.")
+        self.inferer, self.autoencoder, self.unet, self.text_encoder = inferer, autoencoder, unet, text_encoder
+        self.latent_shape = list(latent_shape)
+        self.token = token
+        self.prompts = list(prompts) if prompts is not None else []
+        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
+        self.batch_size, self.device = batch_size, device
+
+    def prompt(self, text: str) -> str:
+        """``text`` as the model was fine-tuned to read it: the token in front, if any."""
+        return f"{self.token} {text}" if self.token else text
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        drift: Any = None,
+        verbose: bool = False,
+    ) -> torch.Tensor:
+        """Images ``(N, C, *spatial)`` in [0, 1] on the CPU, one per prompt, at ``drift`` (default: the inferer's)."""
+        previous = self.inferer.drift
+        if drift is not None:
+            self.inferer.drift = drift
+        try:
+            return generate_images(
+                self.inferer,
+                self.autoencoder,
+                self.unet,
+                self.text_encoder,
+                [self.prompt(p) for p in prompts],
+                seeds,
+                latent_shape=self.latent_shape,
+                guidance_scale=self.guidance_scale,
+                num_inference_steps=self.num_inference_steps,
+                batch_size=self.batch_size,
+                device=self.device,
+                verbose=verbose,
+            )
+        finally:
+            self.inferer.drift = previous
+
+    def __call__(self, drift: Any, num_samples: int, seed: int) -> torch.Tensor:
+        if not self.prompts:
+            raise ValueError("`prompts` is empty: set the prompts to cycle through (e.g. the target reports).")
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(num_samples)]
+        return self.generate(prompts, [seed + i for i in range(num_samples)], drift=drift)
+
+
+def evaluate_drift(
+    sampler: DriftSampler,
+    reports: Sequence[str],
+    target_images: torch.Tensor,
+    oracle: torch.nn.Module | None,
+    drift: Any = None,
+    second_target_images: torch.Tensor | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """FID, KID and Monte-Carlo L1 of samples against held-out target images.
+
+    One sample per held-out report (with the model's token), so the generated and real sets share the finding mix;
+    ``second_target_images`` (another held-out split) gives the real-versus-real floor of each measure.
+
+    Returns:
+        ``{"drift", "generated": {l1, fid, kid, kid_std, ...}, "real_vs_real": {...} or None, "seconds"}``.
+    """
+    if len(reports) != len(target_images):
+        raise ValueError(f"`reports` must hold one report per target image ({len(target_images)}), got {len(reports)}.")
+    start = time.perf_counter()
+    drift = sampler.inferer.drift if drift is None else drift
+    generated = sampler.generate(list(reports), [seed + i for i in range(len(reports))], drift=drift, verbose=verbose)
+    result: dict[str, Any] = {
+        "drift": list(drift) if isinstance(drift, (tuple, list)) else float(drift),
+        "generated": distribution_distances(generated, target_images, oracle, device=device, seed=seed),
+        "real_vs_real": None,
+    }
+    if second_target_images is not None:
+        result["real_vs_real"] = distribution_distances(
+            second_target_images, target_images, oracle, device=device, seed=seed
+        )
+    result["seconds"] = time.perf_counter() - start
+    return result
