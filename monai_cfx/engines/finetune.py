@@ -94,7 +94,8 @@ class FineTuning:
 
     Raises:
         ValueError: for an unknown ``mode``, a token-based mode without ``token``, a ``token`` given to ``full``,
-            a placeholder already in the vocabulary, or ``custom_diffusion`` on a UNet without cross-attention.
+            a placeholder already in the vocabulary, a ``drift`` that is not one number or one per latent channel,
+            or ``custom_diffusion`` on a UNet without cross-attention.
 
     Example::
 
@@ -124,6 +125,12 @@ class FineTuning:
         self.text_encoder = text_encoder
         self.token = token.strip() if token is not None else None
         values = _drift_values(drift)
+        channels = getattr(unet, "in_channels", None)
+        if isinstance(values, tuple) and channels is not None and len(values) != channels:
+            # checked here so that a wrong δ fails before training, not at its first step
+            raise ValueError(
+                f"`drift` must be one number or one per latent channel ({channels}), got {len(values)} values {drift!r}."
+            )
         self.drift = list(values) if isinstance(values, tuple) else values
         if mode == "dreambooth" and not text_encoder.tokenizer(self.token, add_special_tokens=False)["input_ids"]:
             raise ValueError(f"the identifier `token` {self.token!r} maps to no token of the text encoder.")

@@ -230,6 +230,13 @@ class TestFineTuningErrors(unittest.TestCase):
             FineTuning(mode, unet, text_encoder(), token=token)
         self.assertTrue(all(torch.equal(before[name], tensor) for name, tensor in unet.state_dict().items()))
 
+    def test_drift_per_channel(self):
+        with self.assertRaisesRegex(ValueError, r"`drift` must be one number or one per latent channel \(2\)"):
+            FineTuning("full", tiny_unet(), text_encoder(), drift=[0.1, 0.1, 0.1])
+        with self.assertRaisesRegex(ValueError, "`drift` must be finite"):
+            FineTuning("full", tiny_unet(), text_encoder(), drift=float("nan"))
+        self.assertEqual(FineTuning("full", tiny_unet(), text_encoder(), drift=(0.1, 0.2)).drift, [0.1, 0.2])
+
     def test_custom_diffusion_needs_cross_attention(self):
         with self.assertRaisesRegex(ValueError, "no cross-attention"):
             FineTuning("custom_diffusion", tiny_unet(with_conditioning=False), text_encoder(), token="<t>")
