@@ -12,7 +12,13 @@ from monai.data import DataLoader, MetaTensor, load_decathlon_datalist
 from monai.transforms import LoadImage
 from parameterized import parameterized
 
-from monai_cfx.data import PhantomDataset, chest_phantom, generate_phantom, write_phantom_dataset
+from monai_cfx.data import (
+    PhantomDataset,
+    chest_phantom,
+    ensure_phantom_datalist,
+    generate_phantom,
+    write_phantom_dataset,
+)
 from monai_cfx.data.__main__ import main as cli_main
 
 
@@ -61,6 +67,16 @@ class TestWriteDataset(unittest.TestCase):
                 np.testing.assert_allclose(png, subject[key], atol=1.0 / 255 + 1e-6)
             self.assertEqual(item["report"], subject["report"])
             self.assertEqual(item["label"], subject["labels"].astype(int).tolist())
+
+    def test_ensure_datalist_with_split_and_domain(self):
+        with tempfile.TemporaryDirectory() as out:
+            path = ensure_phantom_datalist(
+                out, "chest", num=7, seed=9, size=32, split=(4 / 7, 1 / 7, 2 / 7), domain="target"
+            )
+            raw = json.loads(Path(path).read_text())
+            self.assertEqual([len(raw[key]) for key in ("training", "validation", "testing")], [4, 1, 2])
+            self.assertEqual(raw["domain"], "target")
+            self.assertEqual(ensure_phantom_datalist(out, "chest", num=99), path)  # an existing datalist is kept
 
     def test_brain_nifti_and_no_overwrite(self):
         with tempfile.TemporaryDirectory() as out:

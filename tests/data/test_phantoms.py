@@ -150,9 +150,19 @@ class TestBrainPhantom(unittest.TestCase):
         self.assertGreaterEqual(box[0], 16)  # RAS: the patient's right is the high end of axis 0
         self.assertGreater(subject["affine"][0, 0], 0)
 
-    def test_bad_age(self):
-        with self.assertRaisesRegex(ValueError, "age"):
-            brain_phantom(0, age=150)
+    def test_age_range_is_drawn_per_seed(self):
+        ages = [brain_phantom(seed, size=16, findings=[], age=(70, 90))["attributes"]["age"] for seed in range(6)]
+        self.assertTrue(all(70 <= age <= 90 for age in ages))
+        self.assertGreater(len(set(ages)), 1)  # drawn from each seed, not fixed
+        again = brain_phantom(3, size=16, findings=[], age=[70, 90])
+        self.assertEqual(again["attributes"]["age"], ages[3])
+
+    @parameterized.expand([("too_old", 150), ("reversed", (80, 70)), ("outside", (10, 30)), ("three", (20, 30, 40))])
+    def test_bad_age(self, _, age):
+        with self.assertRaisesRegex(ValueError, "`age` must be a number in"):
+            brain_phantom(0, age=age)
+
+    def test_bad_findings(self):
         with self.assertRaisesRegex(ValueError, "findings"):
             brain_phantom(0, findings=["nodule"])
 
