@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from diffusion_trainer_throughput import seconds_per_iteration  # this folder: run as a script
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
 
@@ -56,13 +56,6 @@ def make_trainer(mode: str, drift: float, dims: str, iterations: int):
     trainer = config.get_parsed_content("train#trainer")
     trainer.state.epoch_length = iterations
     return trainer, config.get_parsed_content("fine_tuning")
-
-
-def seconds_per_iteration(trainer) -> float:
-    trainer.state.max_epochs = None  # allow another run of the same trainer
-    start = time.perf_counter()
-    trainer.run()
-    return (time.perf_counter() - start) / trainer.state.epoch_length
 
 
 def main() -> None:

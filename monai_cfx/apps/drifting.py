@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from monai.metrics import FIDMetric
 from monai.utils import optional_import
 
 from monai_cfx.apps.generation import generate_images, oracle_predict
+from monai_cfx.inferers.drift import _drift_values
 from monai_cfx.metrics import compute_kid
 from monai_cfx.utils import atomic_path, check_finite, check_option, check_writable, save_figure, write_json
 
@@ -218,32 +219,9 @@ def drift_grid(low: float = -0.2, high: float = 0.2, num: int = 9) -> list[float
     return [round(float(value), 6) + 0.0 for value in np.linspace(low, high, num)]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
 def _drift_entry(drift: Any, index: int) -> float | tuple[float, ...]:
     """``drifts[index]`` as a float (one drift for all channels) or a tuple of floats (one per channel)."""
-    if isinstance(drift, (torch.Tensor, np.ndarray)):
-        drift = drift.tolist()
-    if _is_number(drift):
-        values: float | tuple[float, ...] = float(drift)
-        finite = math.isfinite(values)
-    elif (
-        isinstance(drift, Sequence)
-        and not isinstance(drift, (str, bytes))
-        and len(drift) > 0
-        and all(_is_number(value) for value in drift)
-    ):
-        values = tuple(float(value) for value in drift)
-        finite = all(math.isfinite(value) for value in values)
-    else:
-        raise ValueError(
-            f"`drifts[{index}]` must be a number or a non-empty sequence of numbers (one per channel), got {drift!r}."
-        )
-    if not finite:
-        raise ValueError(f"`drifts` must be finite, got {drift!r} at index {index}.")
-    return values
+    return _drift_values(drift, name=f"drifts[{index}]")
 
 
 def _criterion_key(criterion: str) -> Callable[[Mapping[str, Any]], float]:

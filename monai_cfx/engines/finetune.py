@@ -129,7 +129,8 @@ class FineTuning:
         if isinstance(values, tuple) and channels is not None and len(values) != channels:
             # checked here so that a wrong δ fails before training, not at its first step
             raise ValueError(
-                f"`drift` must be one number or one per latent channel ({channels}), got {len(values)} values {drift!r}."
+                f"`drift` must be one number or one per latent channel ({channels}), "
+                f"got {len(values)} values {drift!r}."
             )
         self.drift = list(values) if isinstance(values, tuple) else values
         if mode == "dreambooth" and not text_encoder.tokenizer(self.token, add_special_tokens=False)["input_ids"]:
@@ -389,17 +390,13 @@ class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
             return super().__call__(batchdata, device, non_blocking, **kwargs)
 
         images = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking, **kwargs)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"the batch has {images.shape[0]} images but {len(prompts)} prompts in {self.text_key!r}.")
         instances = self.latents(batchdata, images, device, non_blocking) * self.scale_factor
         rows = torch.randint(len(self.prior_latents), (len(prompts),), generator=self._generator).tolist()
         latents = torch.cat([instances, self.prior_latents[rows].to(instances)])
         all_prompts = batchdata[self.text_key] + [self.prior_prompts[row] for row in rows]  # type: ignore[index]
-        dropped = torch.rand(len(all_prompts), generator=self._generator) < self.condition_drop_prob
-        all_prompts = ["" if drop else prompt for prompt, drop in zip(all_prompts, dropped.tolist())]
-        condition = self.text_contexts(all_prompts).to(device, non_blocking=non_blocking)
-        noise = self.get_noise(latents)
-        timesteps = self.get_timesteps(latents)
-        target = self.get_target(latents, noise, timesteps)
-        return latents, target, (), {"noise": noise, "timesteps": timesteps, "condition": condition}
+        return self.diffusion_batch(latents, all_prompts, device, non_blocking)
 
 
 class PriorPreservationLoss(torch.nn.Module):

@@ -196,6 +196,13 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"the batch has {images.shape[0]} images but {len(prompts)} prompts in {self.text_key!r}.")
+        return self.diffusion_batch(latents, prompts, device, non_blocking)
+
+    def diffusion_batch(
+        self, latents: torch.Tensor, prompts: Sequence[str], device: Any, non_blocking: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        """The trainer's batch for scaled ``latents`` and their ``prompts``: prompt dropout, contexts, noise,
+        timesteps and the loss target."""
         dropped = torch.rand(len(prompts), generator=self._generator) < self.condition_drop_prob
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
         condition = self.text_contexts(prompts).to(device, non_blocking=non_blocking)

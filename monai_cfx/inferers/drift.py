@@ -47,8 +47,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _drift_values(drift: Any) -> DriftValues:
-    """Check ``drift`` and return it as a float (one drift for all channels) or a tuple (one per channel)."""
+def _drift_values(drift: Any, name: str = "drift") -> DriftValues:
+    """Check ``drift`` and return it as a float (one drift for all channels) or a tuple (one per channel); errors
+    name the argument ``name``."""
     if isinstance(drift, (torch.Tensor, np.ndarray)):
         drift = drift.tolist()  # a 0-d tensor gives a number, a 1-d one a list
     if _is_number(drift):
@@ -64,10 +65,10 @@ def _drift_values(drift: Any) -> DriftValues:
         finite = all(math.isfinite(value) for value in values)
     else:
         raise ValueError(
-            f"`drift` must be a number or a non-empty sequence of numbers (one per channel), got {drift!r}."
+            f"`{name}` must be a number or a non-empty sequence of numbers (one per channel), got {drift!r}."
         )
     if not finite:
-        raise ValueError(f"`drift` must be finite, got {drift!r}.")
+        raise ValueError(f"`{name}` must be finite, got {drift!r}.")
     return values
 
 

@@ -126,10 +126,8 @@ class TestLatentDriftingBundle3D(DriftingCase):
         ages = [item["attributes"]["age"] for split in ("training", "testing") for item in datalist[split]]
         self.assertTrue(all(70 <= age <= 90 for age in ages))
         out = self.tmp / "inference"
-        check_ok(
-            self,
-            run(self.configs("inference"), *self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)),
-        )
+        args = [*self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)]
+        check_ok(self, run(self.configs("inference"), *args))
         records = json.loads((out / "prompts.json").read_text())
         image = nib.load(out / records[0]["image"])
         self.assertEqual(image.shape[:3], (32, 32, 32))

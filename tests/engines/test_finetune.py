@@ -23,6 +23,7 @@ from monai_cfx.engines import (
 from monai_cfx.inferers import DriftDiffusionInferer
 from monai_cfx.networks.nets import TextEncoder
 from tests.engines.test_latent_diffusion import tiny_autoencoder
+from tests.inferers.test_sampling import tiny_networks
 from tests.networks.nets.test_text_encoder import HIDDEN, save_tiny_bert
 
 _TMP: str | None = None
@@ -45,24 +46,7 @@ def tearDownModule() -> None:  # noqa: N802 (unittest's name)
 
 
 def tiny_unet(with_conditioning: bool = True) -> DiffusionModelUNet:
-    torch.manual_seed(1)
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=2,
-        out_channels=2,
-        channels=(8, 8),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        num_head_channels=8,
-        norm_num_groups=4,
-        with_conditioning=with_conditioning,
-        cross_attention_dim=HIDDEN if with_conditioning else None,
-    )
-    with torch.no_grad():  # an untrained UNet's zero-initialised output would hide the conditioning
-        for parameter in unet.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.2)
-    return unet
+    return tiny_networks(2, cross_attention_dim=HIDDEN if with_conditioning else None)[1]
 
 
 def text_encoder() -> TextEncoder:

@@ -14,7 +14,10 @@ from tests.engines.test_latent_diffusion import tiny_autoencoder
 CONTEXT_DIM = 8
 
 
-def tiny_networks(spatial_dims: int) -> tuple[AutoencoderKL, DiffusionModelUNet]:
+def tiny_networks(
+    spatial_dims: int, cross_attention_dim: int | None = CONTEXT_DIM
+) -> tuple[AutoencoderKL, DiffusionModelUNet]:
+    """A tiny autoencoder (2 latent channels) and UNet; ``cross_attention_dim=None`` builds one without conditioning."""
     autoencoder = tiny_autoencoder(spatial_dims)  # seeds 0
     unet = DiffusionModelUNet(
         spatial_dims=spatial_dims,
@@ -25,8 +28,8 @@ def tiny_networks(spatial_dims: int) -> tuple[AutoencoderKL, DiffusionModelUNet]
         num_res_blocks=1,
         num_head_channels=8,
         norm_num_groups=4,
-        with_conditioning=True,
-        cross_attention_dim=CONTEXT_DIM,
+        with_conditioning=cross_attention_dim is not None,
+        cross_attention_dim=cross_attention_dim,
     )
     # an untrained DiffusionModelUNet outputs zeros and ignores its context (zero-initialised output
     # convolution and attention projections): perturb those so the tests can see conditioning
