@@ -81,6 +81,7 @@ class TestLatentDriftingBundle2D(DriftingCase):
         for key in ("l1", "fid", "kid", "kid_std"):
             self.assertTrue(np.isfinite(metrics["generated"][key]) and np.isfinite(metrics["real_vs_real"][key]))
         self.assertEqual(metrics["generated"]["num_generated"], 4)
+        self.assertGreater((out / "samples.png").stat().st_size, 1000)
 
     def test_drift_search(self):
         out = self.tmp / "search"
