@@ -12,9 +12,12 @@ from PIL import Image
 
 from monai_cfx.apps.drifting import (
     distribution_distances,
+    drift_along,
     drift_grid,
     drift_search,
+    latent_shift,
     monte_carlo_l1,
+    split_fractions,
     write_drift_search,
 )
 
@@ -254,6 +257,44 @@ class TestWriteDriftSearch(unittest.TestCase):
             self.assertGreater(paths["png"].stat().st_size, 0)
         with self.assertRaisesRegex(ValueError, "`result`"):
             write_drift_search({"rows": []}, "unused")
+
+
+class ChannelEncoder(torch.nn.Module):
+    """A stand-in autoencoder: the latent's channel c is (c + 1) times the image, 2x downsampled."""
+
+    def encode(self, images):
+        pooled = (
+            torch.nn.functional.avg_pool2d(images, 2) if images.ndim == 4 else torch.nn.functional.avg_pool3d(images, 2)
+        )
+        z_mu = torch.cat([pooled * (channel + 1) for channel in range(3)], dim=1)
+        return z_mu, torch.ones_like(z_mu)
+
+
+class TestPerChannelDrift(unittest.TestCase):
+    def test_latent_shift_is_the_scaled_mean_difference(self):
+        source, target = torch.rand(5, 1, 8, 8), torch.rand(3, 1, 8, 8) + 0.25
+        expected = (target.mean() - source.mean()) * 0.5 * torch.tensor([1.0, 2.0, 3.0])
+        shift = latent_shift(ChannelEncoder(), source, target, scale_factor=0.5, batch_size=2)
+        self.assertTrue(torch.allclose(torch.tensor(shift), expected, atol=1e-6))
+        volumes = latent_shift(ChannelEncoder(), torch.zeros(2, 1, 4, 4, 4), torch.ones(2, 1, 4, 4, 4))
+        self.assertEqual(volumes, [1.0, 2.0, 3.0])
+        with self.assertRaisesRegex(ValueError, "`target_images`"):
+            latent_shift(ChannelEncoder(), source, torch.rand(8, 8))
+
+    def test_drift_along(self):
+        self.assertEqual(drift_along([0.1, -0.2], [0.5, 1.0]), [[0.05, -0.1], [0.1, -0.2]])
+        with self.assertRaisesRegex(ValueError, "`scales"):
+            drift_along([0.1], [])
+        with self.assertRaisesRegex(ValueError, r"`scales\[1\]`"):
+            drift_along([0.1], [1.0, float("nan")])
+        with self.assertRaisesRegex(ValueError, "`direction`"):
+            drift_along([], [1.0])
+
+    def test_split_fractions(self):
+        fractions = split_fractions(32, 200, 200)
+        self.assertEqual([int(round(f * 432)) for f in fractions], [32, 200, 200])
+        with self.assertRaisesRegex(ValueError, "`counts`"):
+            split_fractions(1, 2)
 
 
 if __name__ == "__main__":
