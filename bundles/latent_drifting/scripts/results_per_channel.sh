@@ -2,7 +2,7 @@
 # The per-channel drift results of docs/README.md, after scripts/results.sh. Run from the bundle folder:
 #   bash scripts/results_per_channel.sh [2d|3d] [extra overrides...]
 #  A2. drift search at sampling time on the pretrained model along the source-to-target latent mean shift
-#      (per channel, divided by the number of sampling steps), scales 0.25 to 1;
+#      (per channel, divided by the number of sampling steps), scales 0.125 to 1;
 #  C2. the pretrained model and every mode's delta = 0 checkpoint sampled with A2's best per-channel drift;
 #  T2. mode 'full' fine-tuned and sampled with that drift (all three places).
 set -euo pipefail
