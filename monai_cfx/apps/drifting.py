@@ -35,7 +35,7 @@ from monai.metrics import FIDMetric
 from monai.utils import optional_import
 
 from monai_cfx.apps.generation import generate_images, oracle_predict
-from monai_cfx.inferers.drift import _drift_values
+from monai_cfx.inferers import check_drift
 from monai_cfx.metrics import compute_kid
 from monai_cfx.utils import atomic_path, check_finite, check_option, check_writable, save_figure, write_json
 
@@ -223,7 +223,7 @@ def drift_grid(low: float = -0.2, high: float = 0.2, num: int = 9) -> list[float
 
 def _drift_entry(drift: Any, index: int) -> float | tuple[float, ...]:
     """``drifts[index]`` as a float (one drift for all channels) or a tuple of floats (one per channel)."""
-    return _drift_values(drift, name=f"drifts[{index}]")
+    return check_drift(drift, name=f"drifts[{index}]")
 
 
 def _criterion_key(criterion: str) -> Callable[[Mapping[str, Any]], float]:
@@ -488,16 +488,21 @@ def write_drift_search(
     writer.writerow(CSV_COLUMNS)
     for row in result["rows"]:
         writer.writerow([_format_value(row.get(key)) for key in CSV_COLUMNS])
+    # the figure first: it is the step that can fail on odd results, and nothing is written before it
+    _plot_drift_search(result, paths["png"], overwrite)
     write_json(dict(result), paths["json"], overwrite=overwrite)
     with atomic_path(paths["csv"], overwrite) as tmp:
         tmp.write_text(buffer.getvalue())
-    _plot_drift_search(result, paths["png"], overwrite)
     return paths
 
 
 def split_fractions(*counts: int) -> list[float]:
     """The ``split`` fractions of :func:`monai_cfx.data.write_phantom_dataset` that give exactly ``counts`` subjects
-    per split (training, validation, testing), e.g. ``split_fractions(32, 200, 200)``."""
+    per split (training, validation, testing), e.g. ``split_fractions(32, 200, 200)``.
+
+    Raises:
+        ValueError: when ``counts`` is not three non-negative ints with a positive sum.
+    """
     if len(counts) != 3 or any(isinstance(c, bool) or not isinstance(c, Integral) or c < 0 for c in counts):
         raise ValueError(f"`counts` must be three non-negative ints (training, validation, testing), got {counts!r}.")
     total = sum(counts)
@@ -551,7 +556,7 @@ class DriftSampler:
 
     def prompt(self, text: str) -> str:
         """``text`` as the model was fine-tuned to read it: the token in front, if any."""
-        return f"{self.token} {text}" if self.token else text
+        return f"{self.token} {text}" if self.token is not None else text
 
     def generate(
         self,
@@ -583,6 +588,8 @@ class DriftSampler:
             self.inferer.drift = previous
 
     def __call__(self, drift: Any, num_samples: int, seed: int) -> torch.Tensor:
+        """``num_samples`` images at ``drift``, prompted with :attr:`prompts` in turn, seeds ``seed`` on: the
+        ``generate`` callable of :func:`drift_search`."""
         if not self.prompts:
             raise ValueError("`prompts` is empty: set the prompts to cycle through (e.g. the target reports).")
         prompts = [self.prompts[i % len(self.prompts)] for i in range(num_samples)]
@@ -609,8 +616,26 @@ def evaluate_drift(
     With ``figure_path``, the first samples are drawn above the held-out images of the same reports (3D: the
     middle slice), to see what the numbers measure.
 
+    Args:
+        sampler: the :class:`DriftSampler` of the model (its token is put in front of every report).
+        reports: one report per held-out target image; sample ``i`` is prompted with ``reports[i]`` and seed
+            ``seed + i``.
+        target_images: the held-out target images ``(N, C, *spatial)``.
+        oracle: the evaluation classifier whose embeddings give FID and KID (``None``: L1 only).
+        drift: the sampling drift (default: the sampler's inferer's).
+        second_target_images: another held-out split, for the real-versus-real floor.
+        seed: first noise seed.
+        device: where the oracle runs.
+        verbose: progress bars while sampling.
+        figure_path: where to draw the samples above the held-out images (``None``: no figure).
+        overwrite: replace an existing figure.
+
     Returns:
         ``{"drift", "generated": {l1, fid, kid, kid_std, ...}, "real_vs_real": {...} or None, "seconds"}``.
+
+    Raises:
+        ValueError: when ``reports`` and ``target_images`` differ in count, or the images are malformed.
+        FileExistsError: when ``figure_path`` exists and ``overwrite`` is false (before any sampling).
     """
     if len(reports) != len(target_images):
         raise ValueError(f"`reports` must hold one report per target image ({len(target_images)}), got {len(reports)}.")
@@ -688,6 +713,20 @@ def latent_shift(
     A direction for a per-channel drift: the target domain's latents sit, on average, this far from the source
     domain's (e.g. the chest phantom's target acquisition: about ``[0.08, 0.41, -0.97]`` with the shipped
     autoencoder).
+
+    Args:
+        autoencoder: the autoencoder (anything with ``encode(images) -> (z_mu, z_sigma)``).
+        source_images: images of the source domain ``(N, C, *spatial)``.
+        target_images: images of the target domain, same layout.
+        scale_factor: the latent scale of the diffusion model.
+        batch_size: images per encoder call.
+        device: where the encoder runs.
+
+    Returns:
+        one value per latent channel: mean target latent minus mean source latent.
+
+    Raises:
+        ValueError: when either set is not a batch of 2D or 3D images.
     """
     means = []
     for name, images in (("source_images", source_images), ("target_images", target_images)):
@@ -703,8 +742,19 @@ def latent_shift(
 
 def drift_along(direction: Sequence[float], scales: Sequence[float]) -> list[list[float]]:
     """A grid of per-channel drifts ``scale * direction``, one per scale (e.g. ``direction`` = the latent shift
-    divided by the number of sampling steps, since the drift is added after every step)."""
-    direction = list(_drift_values(list(direction), name="direction"))  # type: ignore[arg-type]
+    divided by the number of sampling steps, since the drift is added after every step).
+
+    Args:
+        direction: one number per latent channel.
+        scales: the multiples of ``direction`` to search.
+
+    Returns:
+        one per-channel drift (a list) per scale, for :func:`drift_search`.
+
+    Raises:
+        ValueError: when ``direction`` is empty or not finite, or ``scales`` is empty or holds a non-finite value.
+    """
+    direction = list(check_drift(list(direction), name="direction"))  # type: ignore[arg-type]
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
         raise ValueError(f"`scales` must be a non-empty sequence of numbers, got {scales!r}.")
     grid = []

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from monai.networks.schedulers import Scheduler
 
-from monai_cfx.inferers.drift import _drift_values
+from monai_cfx.inferers import check_drift
 from monai_cfx.inferers.sampling import denoise, seeded_noise
 from monai_cfx.utils import check_option
 from monai_cfx.visualize.attention import cross_attention_layers
@@ -124,7 +124,7 @@ class FineTuning:
         self.unet = unet
         self.text_encoder = text_encoder
         self.token = token.strip() if token is not None else None
-        values = _drift_values(drift)
+        values = check_drift(drift)
         channels = getattr(unet, "in_channels", None)
         if isinstance(values, tuple) and channels is not None and len(values) != channels:
             # checked here so that a wrong δ fails before training, not at its first step
@@ -136,16 +136,17 @@ class FineTuning:
         if mode == "dreambooth" and not text_encoder.tokenizer(self.token, add_special_tokens=False)["input_ids"]:
             raise ValueError(f"the identifier `token` {self.token!r} maps to no token of the text encoder.")
 
-        unet.requires_grad_(mode in ("full", "dreambooth"))
+        # every check before anything changes: a failed set-up leaves the UNet and the text encoder as they were
         self._unet_trained: dict[str, torch.nn.Parameter] = {}
         if mode == "custom_diffusion":
             self._unet_trained = _cross_attention_kv(unet)
-            for parameter in self._unet_trained.values():
-                parameter.requires_grad_(True)
         if mode in _NEW_TOKEN_MODES:
             if self.token in text_encoder.added_tokens:
                 raise ValueError(f"the token {self.token!r} was already added to the text encoder.")
-            text_encoder.add_tokens(self.token, initializer=initializer)
+            text_encoder.add_tokens(self.token, initializer=initializer)  # checks the token before adding it
+        unet.requires_grad_(mode in ("full", "dreambooth"))
+        for parameter in self._unet_trained.values():
+            parameter.requires_grad_(True)
 
     @property
     def trains_text(self) -> bool:
@@ -190,11 +191,18 @@ class FineTuning:
 def apply_finetuned(state: Mapping[str, Any], unet: torch.nn.Module, text_encoder: Any) -> dict[str, Any]:
     """Apply a :meth:`FineTuning.state_dict` to a UNet holding the pretrained weights and a text encoder.
 
+    Args:
+        state: the checkpoint's dict (``mode``, ``token``, ``drift``, ``unet``, and ``token_embeddings`` for the
+            modes that add a token).
+        unet: the UNet with the pretrained weights; the checkpoint's tensors replace its own.
+        text_encoder: the :class:`~monai_cfx.networks.nets.TextEncoder`; a new token is added to it.
+
     Returns:
         ``{"mode", "token", "drift"}`` of the checkpoint.
 
     Raises:
-        ValueError: when ``state`` is not a fine-tuning checkpoint or names UNet tensors that ``unet`` lacks.
+        ValueError: when ``state`` is not a fine-tuning checkpoint, lacks its token's embedding, or does not fit
+            ``unet``.
     """
     missing = [key for key in ("mode", "token", "drift", "unet") if key not in state]
     if missing:
@@ -205,10 +213,20 @@ def apply_finetuned(state: Mapping[str, Any], unet: torch.nn.Module, text_encode
     unknown = sorted(set(unet_state) - set(known))
     if unknown:
         raise ValueError(f"the checkpoint holds UNet tensors that `unet` lacks, e.g. {unknown[:3]}.")
-    if state["mode"] in ("full", "dreambooth"):
-        unet.load_state_dict(unet_state, strict=True)
-    else:
-        unet.load_state_dict({**known, **unet_state}, strict=True)
+    if state["mode"] in _NEW_TOKEN_MODES:
+        embeddings = state.get("token_embeddings")
+        if not isinstance(embeddings, Mapping) or state["token"] not in list(embeddings.get("tokens", [])):
+            raise ValueError(
+                f"a {state['mode']!r} checkpoint must hold the embedding of its token {state['token']!r} "
+                "('token_embeddings')."
+            )
+    try:
+        if state["mode"] in ("full", "dreambooth"):
+            unet.load_state_dict(unet_state, strict=True)
+        else:
+            unet.load_state_dict({**known, **unet_state}, strict=True)
+    except RuntimeError as error:  # missing tensors or other shapes: a checkpoint of another network
+        raise ValueError(f"the checkpoint does not fit `unet`: {error}") from error
     if "token_embeddings" in state:
         text_encoder.load_token_embeddings(dict(state["token_embeddings"]))
     return {"mode": state["mode"], "token": state["token"], "drift": state["drift"]}
@@ -320,7 +338,8 @@ class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
         prior_prompts: their class prompts, one per latent (without the identifier).
 
     Raises:
-        ValueError: when DreamBooth runs without prior latents (or other modes get them), or their counts differ.
+        ValueError: when DreamBooth runs without prior latents (or other modes get them), their counts differ, or
+            ``fine_tuning.drift`` is not the drift of ``drift_inferer`` (0 without one).
     """
 
     def __init__(
@@ -354,6 +373,15 @@ class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
             drift_inferer=drift_inferer,
         )
         self.fine_tuning = fine_tuning
+        trained = check_drift(drift_inferer.drift if drift_inferer is not None else 0.0)
+        recorded = check_drift(fine_tuning.drift)
+        if (trained if isinstance(trained, tuple) else (trained,)) != (
+            recorded if isinstance(recorded, tuple) else (recorded,)
+        ):
+            raise ValueError(
+                f"`fine_tuning.drift` ({fine_tuning.drift}) must be the drift the training uses "
+                f"(`drift_inferer`: {trained}), so that its checkpoint records the right one."
+            )
         if (fine_tuning.mode == "dreambooth") != (prior_latents is not None):
             raise ValueError(
                 "mode 'dreambooth' needs `prior_latents` (its class-prior preservation), and only it takes them; "

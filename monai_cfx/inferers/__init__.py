@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from .counterfactual import CounterfactualInferer, RegionBlendHook
-from .drift import DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer, drift_tensor
+from .drift import DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer, check_drift, drift_tensor
 from .grounding import CrossAttentionGroundingInferer
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
@@ -29,6 +29,7 @@ __all__ = [
     "SamplingState",
     "TextGuidedLatentDiffusionInferer",
     "denoise",
+    "check_drift",
     "drift_tensor",
     "seeded_noise",
 ]

@@ -38,7 +38,7 @@ from monai.networks.schedulers import Scheduler
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise
 
-__all__ = ["DriftDiffusionInferer", "DriftHook", "DriftLatentDiffusionInferer", "drift_tensor"]
+__all__ = ["DriftDiffusionInferer", "DriftHook", "DriftLatentDiffusionInferer", "check_drift", "drift_tensor"]
 
 DriftValues = float | tuple[float, ...]
 
@@ -47,9 +47,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _drift_values(drift: Any, name: str = "drift") -> DriftValues:
-    """Check ``drift`` and return it as a float (one drift for all channels) or a tuple (one per channel); errors
-    name the argument ``name``."""
+def check_drift(drift: Any, name: str = "drift") -> DriftValues:
+    """Check a drift δ and return it as a float (one drift for all channels) or a tuple (one per channel).
+
+    Args:
+        drift: a number, or a non-empty sequence (or 1-d tensor / array) of numbers, all finite.
+        name: the argument name that errors show.
+
+    Raises:
+        ValueError: when ``drift`` is none of those.
+    """
     if isinstance(drift, (torch.Tensor, np.ndarray)):
         drift = drift.tolist()  # a 0-d tensor gives a number, a 1-d one a list
     if _is_number(drift):
@@ -92,7 +99,7 @@ def drift_tensor(drift: float | Sequence[float] | torch.Tensor, like: torch.Tens
         noise = torch.randn(4, 3, 16, 16)
         drifted = noise + drift_tensor([0.1, -0.2, 0.0], noise)  # per-channel mean shift
     """
-    values = _drift_values(drift)
+    values = check_drift(drift)
     if not isinstance(like, torch.Tensor) or like.ndim < 2:
         shape = tuple(like.shape) if isinstance(like, torch.Tensor) else type(like).__name__
         raise ValueError(f"`like` must be a (B, C, *spatial) tensor, got {shape}.")
@@ -128,7 +135,7 @@ class DriftHook(SamplingHook):
     """
 
     def __init__(self, drift: float | Sequence[float] | torch.Tensor) -> None:
-        self.drift = _drift_values(drift)
+        self.drift = check_drift(drift)
 
     def after_step(self, state: SamplingState) -> None:
         # out of place: the scheduler's output may be referenced elsewhere (intermediates, other hooks)
@@ -160,7 +167,7 @@ class _Drift:
 
     @drift.setter
     def drift(self, value: float | Sequence[float] | torch.Tensor) -> None:
-        self._drift = _drift_values(value)
+        self._drift = check_drift(value)
 
     def _is_drifting(self) -> bool:
         values = self._drift if isinstance(self._drift, tuple) else (self._drift,)

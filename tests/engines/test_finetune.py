@@ -104,6 +104,8 @@ class TestFineTuningModes(unittest.TestCase):
         embedding = encoder.text_model.get_input_embeddings()
         if mode in ("textual_inversion", "custom_diffusion"):
             self.assertEqual(encoder.added_tokens, ["<target>"])
+            initial = encoder.tokenizer("lung", add_special_tokens=False)["input_ids"]
+            self.assertFalse(torch.allclose(embedding.added[0], base_embedding[initial].mean(0)))  # the token learned
             self.assertTrue(torch.equal(embedding.base.weight, base_embedding))
             self.assertTrue(tuning.trains_text)
         else:
@@ -136,7 +138,7 @@ class TestFineTuningModes(unittest.TestCase):
 
     def test_prompts_and_drifted_targets(self):
         unet, encoder = tiny_unet(), text_encoder()
-        tuning = FineTuning("custom_diffusion", unet, encoder, token="<target>")
+        tuning = FineTuning("custom_diffusion", unet, encoder, token="<target>", drift=0.25)
         self.assertEqual(tuning.prompt("left lung"), "<target> left lung")
         inferer = DriftDiffusionInferer(DDPMScheduler(num_train_timesteps=100), drift=0.25)
         prepare = FineTunePrepareBatch(
@@ -208,11 +210,12 @@ class TestFineTuningErrors(unittest.TestCase):
         ]
     )
     def test_bad_arguments(self, _, mode, token, message):
-        unet = tiny_unet()
-        before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+        unet, encoder = tiny_unet(), text_encoder()
         with self.assertRaisesRegex(ValueError, message):
-            FineTuning(mode, unet, text_encoder(), token=token)
-        self.assertTrue(all(torch.equal(before[name], tensor) for name, tensor in unet.state_dict().items()))
+            FineTuning(mode, unet, encoder, token=token)
+        # a failed set-up changes nothing: every UNet weight still trainable, no token added
+        self.assertTrue(all(parameter.requires_grad for parameter in unet.parameters()))
+        self.assertEqual(encoder.added_tokens, [])
 
     def test_drift_per_channel(self):
         with self.assertRaisesRegex(ValueError, r"`drift` must be one number or one per latent channel \(2\)"):
@@ -220,6 +223,21 @@ class TestFineTuningErrors(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "`drift` must be finite"):
             FineTuning("full", tiny_unet(), text_encoder(), drift=float("nan"))
         self.assertEqual(FineTuning("full", tiny_unet(), text_encoder(), drift=(0.1, 0.2)).drift, [0.1, 0.2])
+
+    def test_custom_diffusion_failure_keeps_the_unet(self):
+        unet = tiny_unet(with_conditioning=False)
+        with self.assertRaisesRegex(ValueError, "no cross-attention"):
+            FineTuning("custom_diffusion", unet, text_encoder(), token="<t>")
+        self.assertTrue(all(parameter.requires_grad for parameter in unet.parameters()))
+
+    def test_recorded_drift_must_be_the_trained_one(self):
+        unet, encoder = tiny_unet(), text_encoder()
+        tuning = FineTuning("full", unet, encoder, drift=0.1)
+        inferer = DriftDiffusionInferer(DDPMScheduler(num_train_timesteps=100), drift=0.2)
+        with self.assertRaisesRegex(ValueError, "`fine_tuning.drift`"):
+            FineTunePrepareBatch(tuning, tiny_autoencoder(), encoder, 100, drift_inferer=inferer)
+        with self.assertRaisesRegex(ValueError, "`fine_tuning.drift`"):
+            FineTunePrepareBatch(tuning, tiny_autoencoder(), encoder, 100)  # no drift_inferer: no drift trained
 
     def test_custom_diffusion_needs_cross_attention(self):
         with self.assertRaisesRegex(ValueError, "no cross-attention"):
@@ -254,6 +272,16 @@ class TestFineTuningErrors(unittest.TestCase):
                 load_finetuned(path, unet, encoder)
             torch.save({"mode": "full", "token": None, "drift": 0.0, "unet": {"nope.weight": torch.zeros(1)}}, path)
             with self.assertRaisesRegex(ValueError, "lacks"):
+                load_finetuned(path, unet, encoder)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "weights.pt")
+            torch.save({"mode": "textual_inversion", "token": "<t>", "drift": 0.0, "unet": {}}, path)
+            with self.assertRaisesRegex(ValueError, "embedding of its token"):
+                load_finetuned(path, unet, encoder)
+            state = tiny_networks(2, cross_attention_dim=HIDDEN)[1].state_dict()
+            state["conv_in.conv.weight"] = torch.zeros(1)
+            torch.save({"mode": "full", "token": None, "drift": 0.0, "unet": state}, path)
+            with self.assertRaisesRegex(ValueError, "does not fit `unet`"):
                 load_finetuned(path, unet, encoder)
         tuning = FineTuning("full", unet, encoder)
         with self.assertRaisesRegex(ValueError, "trained in mode 'textual_inversion'"):

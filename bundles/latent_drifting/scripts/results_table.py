@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from monai_cfx.utils import write_json
+
 MODES = ("pretrained", "full", "dreambooth", "textual_inversion", "custom_diffusion")
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "eval/2d")
 
@@ -96,4 +98,4 @@ summary = {
     "held_out": rows,
     "real_vs_real": floor,
 }
-(out / "results.json").write_text(json.dumps(summary, indent=2))
+write_json(summary, out / "results.json", overwrite=True)  # atomic
