@@ -30,9 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config  # noqa: E402
-from monai_cfx.apps.drifting import DriftSampler, latent_shift, monte_carlo_l1  # noqa: E402
+from monai_cfx.apps.drifting import DriftSampler, drift_along, monte_carlo_l1, phantom_drift_direction  # noqa: E402
 from monai_cfx.apps.generation import stack_items  # noqa: E402
-from monai_cfx.data import generate_phantom  # noqa: E402
 from monai_cfx.inferers import DriftLatentDiffusionInferer  # noqa: E402
 from monai_cfx.utils import save_figure  # noqa: E402
 
@@ -75,12 +74,11 @@ def main() -> None:
     # the drift: a quarter of the per-channel shift of the target latents' mean from the source latents', spread
     # over the sampling steps (it is added after every step); the bundle's drift_search.json --per_channel True
     # searches the fraction
-    source = torch.stack([torch.as_tensor(generate_phantom("chest", seed, size=64)["image"]) for seed in range(64)])
-    shift = latent_shift(
-        autoencoder, source, stack_items(train_data, "image"), config.get_parsed_content("scale_factor")
+    direction = phantom_drift_direction(
+        autoencoder, "chest", stack_items(train_data, "image"), config.get_parsed_content("scale_factor"), num_steps, 64
     )
-    drift = [0.25 * value / num_steps for value in shift]
-    print("latent mean shift per channel:", [round(value, 3) for value in shift])
+    (drift,) = drift_along(direction, [0.25])
+    print("latent mean shift per channel:", [round(value * num_steps, 3) for value in direction])
     targets = train_data[:4]
     reports, target_images = [item["report"] for item in targets], stack_items(targets, "image")
     seeds = list(range(len(reports)))

@@ -35,6 +35,8 @@ from monai.metrics import FIDMetric
 from monai.utils import optional_import
 
 from monai_cfx.apps.generation import generate_images, oracle_predict
+from monai_cfx.data import generate_phantom
+from monai_cfx.engines.finetune import prompt_with_token
 from monai_cfx.inferers import check_drift
 from monai_cfx.metrics import compute_kid
 from monai_cfx.utils import atomic_path, check_finite, check_option, check_writable, save_figure, write_json
@@ -46,6 +48,7 @@ __all__ = [
     "distribution_distances",
     "drift_along",
     "drift_grid",
+    "phantom_drift_direction",
     "drift_search",
     "evaluate_drift",
     "latent_shift",
@@ -55,6 +58,8 @@ __all__ = [
 ]
 
 CRITERIA = ("l1", "fid", "kid")
+# KID subsets: samples per subset (capped by the set sizes) and number of subsets
+KID_SUBSET_SIZE, KID_NUM_SUBSETS = 100, 50
 CSV_COLUMNS = ("drift", "l1", "fid", "kid", "kid_std", "seconds")
 OUTPUT_NAMES = {"json": "drift_search.json", "csv": "drift_search.csv", "png": "drift_search.png"}
 
@@ -162,8 +167,8 @@ def distribution_distances(
     target: torch.Tensor,
     oracle: torch.nn.Module | None,
     device: str | torch.device = "cpu",
-    kid_subset_size: int = 100,
-    kid_num_subsets: int = 50,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    kid_num_subsets: int = KID_NUM_SUBSETS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Distances between a set of generated images and a set of target images.
@@ -321,7 +326,7 @@ def drift_search(
         if not bool(torch.isfinite(images).all()):
             raise ValueError(f"`generate` returned NaN or Inf values for drift {drift!r}.")
         metrics = _distances(
-            images, target_images, oracle, target_embeddings, device, kid_subset_size=100, kid_num_subsets=50, seed=seed
+            images, target_images, oracle, target_embeddings, device, KID_SUBSET_SIZE, KID_NUM_SUBSETS, seed
         )
         rows.append(
             {
@@ -556,7 +561,7 @@ class DriftSampler:
 
     def prompt(self, text: str) -> str:
         """``text`` as the model was fine-tuned to read it: the token in front, if any."""
-        return f"{self.token} {text}" if self.token is not None else text
+        return prompt_with_token(text, self.token)
 
     def generate(
         self,
@@ -644,15 +649,23 @@ def evaluate_drift(
     start = time.perf_counter()
     drift = sampler.inferer.drift if drift is None else drift
     generated = sampler.generate(list(reports), [seed + i for i in range(len(reports))], drift=drift, verbose=verbose)
+    min_count = 1 if oracle is None else 2
+    generated, target_images = _check_pair(generated, target_images, min_count)
+    # the held-out images' embeddings serve both comparisons
+    target_embeddings = oracle_predict(oracle, target_images, device=device)[1] if oracle is not None else None
+
+    def distances(images: torch.Tensor) -> dict[str, Any]:
+        return _distances(
+            images, target_images, oracle, target_embeddings, device, KID_SUBSET_SIZE, KID_NUM_SUBSETS, seed
+        )
+
     result: dict[str, Any] = {
         "drift": list(drift) if isinstance(drift, (tuple, list)) else float(drift),
-        "generated": distribution_distances(generated, target_images, oracle, device=device, seed=seed),
+        "generated": distances(generated),
         "real_vs_real": None,
     }
     if second_target_images is not None:
-        result["real_vs_real"] = distribution_distances(
-            second_target_images, target_images, oracle, device=device, seed=seed
-        )
+        result["real_vs_real"] = distances(_check_pair(second_target_images, target_images, min_count)[0])
     result["seconds"] = time.perf_counter() - start
     if figure_path is not None:
         _plot_samples(generated, target_images, list(reports), result, Path(figure_path), overwrite)
@@ -763,3 +776,35 @@ def drift_along(direction: Sequence[float], scales: Sequence[float]) -> list[lis
             raise ValueError(f"`scales[{index}]` must be a finite number, got {scale!r}.")
         grid.append([round(float(scale) * value, 8) for value in direction])
     return grid
+
+
+def phantom_drift_direction(
+    autoencoder: torch.nn.Module,
+    kind: str,
+    target_images: torch.Tensor,
+    scale_factor: float,
+    num_inference_steps: int,
+    num_source_images: int = 128,
+    device: str | torch.device = "cpu",
+) -> list[float]:
+    """The per-step direction of a per-channel drift from the source phantoms to ``target_images``: the
+    :func:`latent_shift` of the target images from ``num_source_images`` source phantoms of ``kind`` (seeds
+    0, 1, ..., at the target's size), divided by ``num_inference_steps`` because the drift is added after every
+    sampling step. Scale it with :func:`drift_along`.
+
+    Raises:
+        ValueError: when ``target_images`` is not a batch of square 2D or cubic 3D images, or
+            ``num_inference_steps`` / ``num_source_images`` is not positive.
+    """
+    target_images = _check_images("target_images", target_images)
+    if num_inference_steps < 1 or num_source_images < 1:
+        raise ValueError(
+            f"`num_inference_steps` and `num_source_images` must be positive, got {num_inference_steps} and "
+            f"{num_source_images}."
+        )
+    size = target_images.shape[-1]
+    source = torch.stack(
+        [torch.as_tensor(generate_phantom(kind, seed, size=size)["image"]) for seed in range(num_source_images)]
+    )
+    shift = latent_shift(autoencoder, source, target_images, scale_factor, device=device)
+    return [value / num_inference_steps for value in shift]

@@ -21,6 +21,7 @@ from .finetune import (
     apply_finetuned,
     generate_prior_latents,
     load_finetuned,
+    prompt_with_token,
 )
 from .grounding import GroundingPrepareBatch
 from .latent_diffusion import (
@@ -44,4 +45,5 @@ __all__ = [
     "compute_scale_factor",
     "generate_prior_latents",
     "load_finetuned",
+    "prompt_with_token",
 ]

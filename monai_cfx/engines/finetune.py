@@ -48,6 +48,7 @@ __all__ = [
     "apply_finetuned",
     "generate_prior_latents",
     "load_finetuned",
+    "prompt_with_token",
 ]
 
 FINETUNE_MODES = ("full", "dreambooth", "textual_inversion", "custom_diffusion")
@@ -70,6 +71,11 @@ def _cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         for projection in ("to_k", "to_v")
         for key, parameter in getattr(block, projection).named_parameters()
     }
+
+
+def prompt_with_token(text: str, token: str | None) -> str:
+    """A prompt as a fine-tuned model reads it: ``"<token> text"``, or ``text`` without a token (mode ``full``)."""
+    return f"{token} {text}" if token is not None else text
 
 
 class FineTuning:
@@ -165,7 +171,7 @@ class FineTuning:
 
     def prompt(self, text: str) -> str:
         """``text`` with the mode's token in front (``"<token> text"``); ``text`` itself for ``full``."""
-        return f"{self.token} {text}" if self.token is not None else text
+        return prompt_with_token(text, self.token)
 
     def state_dict(self) -> dict[str, Any]:
         """What the mode changed: ``{"mode", "token", "drift", "unet": {name: tensor}, "token_embeddings"}``.
@@ -246,7 +252,7 @@ def load_finetuned(path: str | os.PathLike, unet: torch.nn.Module, text_encoder:
     Example::
 
         info = load_finetuned("models/finetuned_2d.pt", unet, text_encoder)
-        prompt = f"{info['token']} {report}" if info["token"] else report
+        prompt = prompt_with_token(report, info["token"])
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -402,29 +408,17 @@ class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
             return self.text_encoder(list(prompts))  # with gradients to the new token's embedding
         return super().text_contexts(prompts)
 
-    def __call__(
-        self,
-        batchdata: Mapping[str, Any],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
+    def diffusion_batch(
+        self, latents: torch.Tensor, prompts: Sequence[str], device: Any, non_blocking: bool
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        prompts = batchdata.get(self.text_key)
-        if prompts is None:
-            raise ValueError(f"the batch has no {self.text_key!r} key with prompts (keys: {sorted(batchdata)}).")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        batchdata = {**batchdata, self.text_key: [self.fine_tuning.prompt(p) for p in prompts]}
-        if self.prior_latents is None:
-            return super().__call__(batchdata, device, non_blocking, **kwargs)
-
-        images = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking, **kwargs)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"the batch has {images.shape[0]} images but {len(prompts)} prompts in {self.text_key!r}.")
-        instances = self.latents(batchdata, images, device, non_blocking) * self.scale_factor
-        rows = torch.randint(len(self.prior_latents), (len(prompts),), generator=self._generator).tolist()
-        latents = torch.cat([instances, self.prior_latents[rows].to(instances)])
-        all_prompts = batchdata[self.text_key] + [self.prior_prompts[row] for row in rows]  # type: ignore[index]
-        return self.diffusion_batch(latents, all_prompts, device, non_blocking)
+        """The parent's batch with the mode's prompts and, for DreamBooth, as many prior samples (with their class
+        prompts) appended after the instances."""
+        prompts = [self.fine_tuning.prompt(p) for p in prompts]
+        if self.prior_latents is not None:
+            rows = torch.randint(len(self.prior_latents), (len(prompts),), generator=self._generator).tolist()
+            latents = torch.cat([latents, self.prior_latents[rows].to(latents)])
+            prompts += [self.prior_prompts[row] for row in rows]  # type: ignore[index]
+        return super().diffusion_batch(latents, prompts, device, non_blocking)
 
 
 class PriorPreservationLoss(torch.nn.Module):
