@@ -59,7 +59,7 @@ class CrossAttentionGroundingInferer(Inferer):
         scale_factor: latent scaling of the diffusion model.
         num_inference_steps: DDIM inversion steps (the reference uses 300).
         capture_window: ``(start, end)`` fractions of the inversion steps to record.
-        layers: layer selection of the recorder (``"middle"``, ``"all"``, a level, name patterns).
+        layers: layer selection of the recorder (``"middle"``, ``"all"``, a level, a list of levels, name patterns).
         drive: ``"uncond"`` or ``"cond"``: which branch drives the inversion.
         sigma: Gaussian standard deviation in image pixels; 0 disables it.
         otsu: multiply the heat map by its Otsu mask.
@@ -75,7 +75,7 @@ class CrossAttentionGroundingInferer(Inferer):
         scale_factor: float = 1.0,
         num_inference_steps: int = 50,
         capture_window: Sequence[float] = (0.4, 0.6),
-        layers: str | int | Sequence[str] = "middle",
+        layers: str | int | Sequence[int] | Sequence[str] = "middle",
         drive: str = "uncond",
         sigma: float = 2.5,
         otsu: bool = True,

@@ -66,8 +66,8 @@ class CrossAttentionRecorder:
     Args:
         unet: a MONAI ``DiffusionModelUNet`` with cross-attention (``with_conditioning=True``).
         layers: ``"middle"`` (the layers at the deepest attention level: the paper's 16x16 layers of a 64x64
-            latent), ``"all"``, an int level (resolution = latent size / 2**level), or a sequence of name
-            patterns (``fnmatch``, e.g. ``"up_blocks.1.*"``).
+            latent), ``"all"``, an int level (resolution = latent size / 2**level), a sequence of levels
+            (e.g. ``[0, 1]``), or a sequence of name patterns (``fnmatch``, e.g. ``"up_blocks.1.*"``).
         token_indices: token positions to keep (e.g. a phrase's, from ``TextEncoder.phrase_token_indices``);
             default all tokens. A sequence of sequences groups them: each group's tokens are averaged into one map
             before the normalisation (a phrase of several tokens is one map, as in the reference code).
@@ -85,7 +85,7 @@ class CrossAttentionRecorder:
     def __init__(
         self,
         unet: torch.nn.Module,
-        layers: str | int | Sequence[str] = "middle",
+        layers: str | int | Sequence[int] | Sequence[str] = "middle",
         token_indices: Sequence[int] | Sequence[Sequence[int]] | None = None,
         batch_indices: Sequence[int] | None = None,
         normalize_each: bool = True,
@@ -118,7 +118,7 @@ class CrossAttentionRecorder:
 
     @staticmethod
     def _select(
-        available: dict[str, tuple[CrossAttentionBlock, int]], layers: str | int | Sequence[str]
+        available: dict[str, tuple[CrossAttentionBlock, int]], layers: str | int | Sequence[int] | Sequence[str]
     ) -> dict[str, tuple[CrossAttentionBlock, int]]:
         if layers == "all":
             return dict(available)
@@ -133,8 +133,15 @@ class CrossAttentionRecorder:
             return chosen
         if isinstance(layers, str) or not isinstance(layers, Sequence):
             raise ValueError(
-                f"`layers` must be 'middle', 'all', a level (int) or a list of name patterns, got {layers!r}."
+                f"`layers` must be 'middle', 'all', a level (int), a list of levels or a list of name patterns, "
+                f"got {layers!r}."
             )
+        if layers and all(isinstance(level, int) and not isinstance(level, bool) for level in layers):
+            missing = sorted(set(layers) - {level for _, level in available.values()})
+            if missing:
+                levels = sorted({level for _, level in available.values()})
+                raise ValueError(f"`layers` levels {missing} have no cross-attention; levels with it: {levels}.")
+            return {n: v for n, v in available.items() if v[1] in layers}
         chosen = {n: v for n, v in available.items() if any(fnmatch.fnmatch(n, str(p)) for p in layers)}
         if not chosen:
             raise ValueError(f"`layers` {list(layers)} match no cross-attention layer; layers: {sorted(available)}.")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from monai_cfx.data import phantom_affine
 
@@ -171,6 +172,29 @@ class TestContinueTraining(BundleCase):
         self.assertNotEqual(wrong.returncode, 0)
         self.assertIn("continued.pt", wrong.stdout + wrong.stderr)
         self.assertIn("does not fit FindingClassifier", wrong.stdout + wrong.stderr)
+
+
+class TestAttentionAllLevels(BundleCase):
+    def test_grows_the_unet_from_the_shipped_layout(self):
+        """configs/attention_all_levels.json: attention at the first level too, saved to its own file; a UNet with
+        the shipped layout seeds it only with ``--pretrained_strict False``."""
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        check_ok(self, run_bundle(self.configs("train_diffusion"), *self.common, *TINY))
+        models = self.tmp / "models"
+        grown = [*self.configs("train_diffusion"), "configs/attention_all_levels.json"]
+        strict = run_bundle(grown, *self.common, *TINY, "--pretrained_path", str(models / "diffusion_2d.pt"))
+        self.assertNotEqual(strict.returncode, 0)
+        self.assertIn("does not fit DiffusionModelUNet", strict.stdout + strict.stderr)
+        self.assertFalse((models / "diffusion_all_levels_2d.pt").exists())
+        before = {p.name: p.read_bytes() for p in models.iterdir()}
+        check_ok(self, run_bundle(grown, *self.common, *TINY, "--pretrained_path", str(models / "diffusion_2d.pt"),
+                                  "--pretrained_strict", "False"))  # fmt: skip
+        state = torch.load(models / "diffusion_all_levels_2d.pt", weights_only=True)
+        shipped_layout = torch.load(models / "diffusion_2d.pt", weights_only=True)
+        self.assertTrue(any(k.startswith("down_blocks.0.attentions.") for k in state))
+        self.assertFalse(any(k.startswith("down_blocks.0.attentions.") for k in shipped_layout))
+        self.assertEqual(set(shipped_layout) - set(state), set())  # every shipped weight has its place
+        self.assertEqual(before, {p.name: p.read_bytes() for p in models.iterdir() if p.name in before})
 
 
 class TestMultiProcessTraining(BundleCase):

@@ -48,6 +48,12 @@ class TestCrossAttentionRecorder(unittest.TestCase):
         self.assertEqual(layers["up_blocks.1.attentions.0.transformer_blocks.0.attn2"][1], 1)
         middle = CrossAttentionRecorder(conditioned_unet(), "middle").layers
         self.assertEqual({level for _, level in middle.values()}, {2})
+        both = CrossAttentionRecorder(conditioned_unet(), [1, 2]).layers
+        self.assertEqual(set(both), set(layers))
+        self.assertEqual(
+            set(CrossAttentionRecorder(conditioned_unet(), [1]).layers),
+            set(CrossAttentionRecorder(conditioned_unet(), 1).layers),
+        )
 
     @parameterized.expand([["2d", 2], ["3d", 3]])
     def test_rows_sum_to_one(self, _, spatial_dims):
@@ -123,6 +129,8 @@ class TestCrossAttentionRecorder(unittest.TestCase):
             CrossAttentionRecorder(conditioned_unet(), ["encoder.*"])
         with self.assertRaisesRegex(ValueError, "level 0 has no cross-attention"):
             CrossAttentionRecorder(conditioned_unet(), 0)
+        with self.assertRaisesRegex(ValueError, r"levels \[0\] have no cross-attention; levels with it: \[1, 2\]"):
+            CrossAttentionRecorder(conditioned_unet(), [0, 1])
         with self.assertRaisesRegex(RuntimeError, "nothing was recorded"):
             CrossAttentionRecorder(conditioned_unet()).maps()
 
