@@ -114,6 +114,7 @@ class CrossAttentionRecorder:
         self._latent_size: tuple[int, ...] | None = None
         self._handles: list[Any] = []
         self._flash: dict[str, bool] = {}
+        self._weights: torch.Tensor | None = None
         self.reset()
 
     @staticmethod
@@ -195,13 +196,15 @@ class CrossAttentionRecorder:
     def _add(self, probabilities: torch.Tensor, level: int) -> None:
         if self._latent_size is None:
             raise RuntimeError("the recorder saw attention before the UNet's input: use it around unet(...) calls.")
-        maps = probabilities.float().mean(dim=1)  # (B, N, L): mean over heads
+        # batch rows and tokens first, then the mean over heads: the same maps, on fewer numbers
         if self.batch_indices is not None:
-            maps = maps[self.batch_indices]
+            probabilities = probabilities[self._batch_selection()]
+        probabilities = probabilities.float()
         if self.token_indices is not None:
-            maps = maps[..., self.token_indices]
-        elif self.token_groups is not None:
-            maps = torch.stack([maps[..., group].mean(-1) for group in self.token_groups], -1)
+            probabilities = probabilities[..., self.token_indices]
+        elif self.token_groups is not None:  # one matrix product averages every group's tokens
+            probabilities = probabilities @ self._group_weights(probabilities)
+        maps = probabilities.mean(dim=1)  # (B, N, tokens or groups)
         layer_size = [math.ceil(s / 2**level) for s in self._latent_size]
         if math.prod(layer_size) != maps.shape[1]:
             raise RuntimeError(f"attention of {maps.shape[1]} positions does not fit a layer of size {layer_size}.")
@@ -216,6 +219,23 @@ class CrossAttentionRecorder:
             maps = F.interpolate(maps, size=size, mode=mode, align_corners=False)
         self._sum = maps if self._sum is None else self._sum + maps
         self.count += 1
+
+    def _batch_selection(self) -> slice | list[int]:
+        rows = self.batch_indices or []
+        if rows and rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)  # a view, not a copy
+        return rows
+
+    def _group_weights(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """``(L, G)`` matrix whose column g averages the tokens of group g."""
+        length = probabilities.shape[-1]
+        weights = self._weights
+        if weights is None or weights.shape[0] != length or weights.device != probabilities.device:
+            weights = torch.zeros(length, len(self.token_groups or []), device=probabilities.device)
+            for column, group in enumerate(self.token_groups or []):
+                weights[group, column] += 1.0 / len(group)
+            self._weights = weights
+        return weights
 
     def maps(self) -> torch.Tensor:
         """The mean of the recorded maps ``(B, tokens or groups, *size)``."""
