@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/tutorial_04")
     args = parser.parse_args()
 
-    # 1. the bundle's inferer (DDIM inversion, cross-attention recorded in the middle 20 % of it) and networks
+    # 1. the bundle's inferer (DDIM inversion, cross-attention recorded in the first 20 % of it) and networks
     config = load_bundle_config(default_bundle_dir("phrase_grounding"), ["configs/inference.json"])
     inferer = config.get_parsed_content("grounding_inferer")
     unet, autoencoder = config.get_parsed_content("load_diffusion"), config.get_parsed_content("load_autoencoder")

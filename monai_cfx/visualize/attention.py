@@ -114,7 +114,7 @@ class CrossAttentionRecorder:
         self._latent_size: tuple[int, ...] | None = None
         self._handles: list[Any] = []
         self._flash: dict[str, bool] = {}
-        self._weights: torch.Tensor | None = None
+        self._weights: tuple[Any, torch.Tensor] | None = None
         self.reset()
 
     @staticmethod
@@ -137,7 +137,10 @@ class CrossAttentionRecorder:
                 f"`layers` must be 'middle', 'all', a level (int), a list of levels or a list of name patterns, "
                 f"got {layers!r}."
             )
-        if layers and all(isinstance(level, int) and not isinstance(level, bool) for level in layers):
+        is_level = [isinstance(level, int) and not isinstance(level, bool) for level in layers]
+        if any(is_level) and not all(is_level):
+            raise ValueError(f"`layers` must be all levels (ints) or all name patterns, got {list(layers)!r}.")
+        if layers and all(is_level):
             missing = sorted(set(layers) - {level for _, level in available.values()})
             if missing:
                 levels = sorted({level for _, level in available.values()})
@@ -198,12 +201,13 @@ class CrossAttentionRecorder:
             raise RuntimeError("the recorder saw attention before the UNet's input: use it around unet(...) calls.")
         # batch rows and tokens first, then the mean over heads: the same maps, on fewer numbers
         if self.batch_indices is not None:
-            probabilities = probabilities[self._batch_selection()]
-        probabilities = probabilities.float()
+            probabilities = probabilities[self._batch_selection(probabilities.shape[0])]
         if self.token_indices is not None:
-            probabilities = probabilities[..., self.token_indices]
+            probabilities = probabilities[..., self.token_indices].float()
         elif self.token_groups is not None:  # one matrix product averages every group's tokens
-            probabilities = probabilities @ self._group_weights(probabilities)
+            probabilities = probabilities.float() @ self._group_weights(probabilities)
+        else:
+            probabilities = probabilities.float()
         maps = probabilities.mean(dim=1)  # (B, N, tokens or groups)
         layer_size = [math.ceil(s / 2**level) for s in self._latent_size]
         if math.prod(layer_size) != maps.shape[1]:
@@ -220,22 +224,23 @@ class CrossAttentionRecorder:
         self._sum = maps if self._sum is None else self._sum + maps
         self.count += 1
 
-    def _batch_selection(self) -> slice | list[int]:
+    def _batch_selection(self, num_rows: int) -> slice | list[int]:
         rows = self.batch_indices or []
-        if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        if rows and 0 <= rows[0] and rows[-1] < num_rows and rows == list(range(rows[0], rows[-1] + 1)):
             return slice(rows[0], rows[-1] + 1)  # a view, not a copy
-        return rows
+        return rows  # anything else indexes as given (out-of-range rows raise IndexError)
 
     def _group_weights(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """``(L, G)`` matrix whose column g averages the tokens of group g."""
-        length = probabilities.shape[-1]
-        weights = self._weights
-        if weights is None or weights.shape[0] != length or weights.device != probabilities.device:
-            weights = torch.zeros(length, len(self.token_groups or []), device=probabilities.device)
-            for column, group in enumerate(self.token_groups or []):
-                weights[group, column] += 1.0 / len(group)
-            self._weights = weights
-        return weights
+        """``(L, G)`` matrix whose column g averages the tokens of group g (a repeated token counts each time)."""
+        groups = tuple(tuple(group) for group in self.token_groups or [])
+        key = (probabilities.shape[-1], probabilities.device, groups)
+        if self._weights is None or self._weights[0] != key:
+            weights = torch.zeros(probabilities.shape[-1], len(groups), device=probabilities.device)
+            for column, group in enumerate(groups):
+                for token in group:
+                    weights[token, column] += 1.0 / len(group)
+            self._weights = (key, weights)
+        return self._weights[1]
 
     def maps(self) -> torch.Tensor:
         """The mean of the recorded maps ``(B, tokens or groups, *size)``."""

@@ -82,6 +82,26 @@ class TestCrossAttentionRecorder(unittest.TestCase):
         torch.testing.assert_close(grouped.maps()[:, :1], ((phrase - low) / (high - low)).view(2, 1, 4, 4))
         self.assertEqual(tuple(grouped.maps().shape), (2, 2, 4, 4))
 
+    def test_token_groups_and_batch_rows(self):
+        """A group's map is the mean of its tokens' maps (a repeated token counts twice); rows select as given."""
+        unet = conditioned_unet()
+        with CrossAttentionRecorder(unet, "all", normalize_each=False) as every:
+            run(unet)
+        tokens = every.maps()
+        groups = [[1, 2], [3, 3, 4], [0]]
+        with CrossAttentionRecorder(unet, "all", token_indices=groups, normalize_each=False) as grouped:
+            run(unet)
+        expected = torch.stack([tokens[:, [1, 2]].mean(1), tokens[:, [3, 3, 4]].mean(1), tokens[:, 0]], 1)
+        torch.testing.assert_close(grouped.maps(), expected)
+        for rows in ([1], [-1]):
+            with CrossAttentionRecorder(unet, "all", token_indices=groups, batch_indices=rows) as last:
+                run(unet)
+            with CrossAttentionRecorder(unet, "all", token_indices=groups) as both:
+                run(unet)
+            torch.testing.assert_close(last.maps(), both.maps()[[1]])
+        with self.assertRaises(IndexError), CrossAttentionRecorder(unet, "all", batch_indices=[1, 2]):
+            run(unet)
+
     def test_flash_only_off_on_captured_layers_and_hooks_removed(self):
         unet = conditioned_unet(flash=True)
         reference = run(unet)
@@ -131,6 +151,8 @@ class TestCrossAttentionRecorder(unittest.TestCase):
             CrossAttentionRecorder(conditioned_unet(), 0)
         with self.assertRaisesRegex(ValueError, r"levels \[0\] have no cross-attention; levels with it: \[1, 2\]"):
             CrossAttentionRecorder(conditioned_unet(), [0, 1])
+        with self.assertRaisesRegex(ValueError, "all levels .ints. or all name patterns"):
+            CrossAttentionRecorder(conditioned_unet(), [1, "up_blocks.*"])
         with self.assertRaisesRegex(RuntimeError, "nothing was recorded"):
             CrossAttentionRecorder(conditioned_unet()).maps()
 
