@@ -40,7 +40,6 @@ import torch
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
 from monai_cfx.inferers import CrossAttentionGroundingInferer
 from monai_cfx.metrics import GroundingMetric
-from monai_cfx.visualize import CrossAttentionRecorder
 
 
 def bundle(dims: str = "2d", **overrides):
@@ -173,7 +172,7 @@ def overhead(args: argparse.Namespace) -> None:
 
     def capture():
         # the same passes with the recorder capturing (its hooks, and plain attention on the captured layers)
-        recorder = CrossAttentionRecorder(unet, inferer.layers, token_indices=tokens[:1], batch_indices=[1])
+        recorder = inferer.recorder(unet, tokens[:1], batch_size=1)
         with torch.no_grad(), recorder:
             inferer.invert(autoencoder.encode(image)[0] * scale, unet, context, null, recorder)
             recorder.maps()

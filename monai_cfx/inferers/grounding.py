@@ -110,6 +110,16 @@ class CrossAttentionGroundingInferer(Inferer):
         last = max(first + 1, round(end * self.num_inference_steps))
         return list(range(first, min(last, self.num_inference_steps)))
 
+    def recorder(
+        self, diffusion_model: torch.nn.Module, token_indices: Sequence[Sequence[int]], batch_size: int
+    ) -> CrossAttentionRecorder:
+        """The recorder of one grounding (not yet entered): the selected layers, one token group per phrase (its
+        tokens are averaged before each map is normalised, as the reference does), and the prompt branch's rows
+        of the ``[uncond, cond]`` batch that :meth:`invert` runs."""
+        return CrossAttentionRecorder(
+            diffusion_model, self.layers, token_indices=token_indices, batch_indices=range(batch_size, 2 * batch_size)
+        )
+
     def invert(
         self,
         latent: torch.Tensor,
@@ -193,11 +203,7 @@ class CrossAttentionGroundingInferer(Inferer):
         length = conditioning.shape[1]
         if any(not 0 <= int(i) < length for phrase in token_indices for i in phrase):
             raise ValueError(f"`token_indices` {token_indices!r} fall outside the prompt's {length} tokens.")
-        batch_size = inputs.shape[0]
-        # one token group per phrase: its tokens are averaged before each map is normalised, as the reference does
-        recorder = CrossAttentionRecorder(
-            diffusion_model, self.layers, token_indices=token_indices, batch_indices=range(batch_size, 2 * batch_size)
-        )
+        recorder = self.recorder(diffusion_model, token_indices, inputs.shape[0])
         with torch.no_grad():
             # plain tensors inside: MetaTensor meta would follow the maps through batch indexing and smoothing
             images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs

@@ -126,29 +126,26 @@ class CrossAttentionRecorder:
         if layers == "middle":
             deepest = max(level for _, level in available.values())
             return {n: v for n, v in available.items() if v[1] == deepest}
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            chosen = {n: v for n, v in available.items() if v[1] == layers}
-            levels = sorted({level for _, level in available.values()})
-            if not chosen:
-                raise ValueError(f"`layers` level {layers} has no cross-attention; levels with it: {levels}.")
-            return chosen
-        if isinstance(layers, str) or not isinstance(layers, Sequence):
+        single_level = isinstance(layers, int) and not isinstance(layers, bool)
+        if not single_level and (isinstance(layers, str) or not isinstance(layers, Sequence)):
             raise ValueError(
                 f"`layers` must be 'middle', 'all', a level (int), a list of levels or a list of name patterns, "
                 f"got {layers!r}."
             )
-        is_level = [isinstance(level, int) and not isinstance(level, bool) for level in layers]
+        wanted = [layers] if single_level else list(layers)  # type: ignore[arg-type]
+        is_level = [isinstance(level, int) and not isinstance(level, bool) for level in wanted]
         if any(is_level) and not all(is_level):
-            raise ValueError(f"`layers` must be all levels (ints) or all name patterns, got {list(layers)!r}.")
-        if layers and all(is_level):
-            missing = sorted(set(layers) - {level for _, level in available.values()})
+            raise ValueError(f"`layers` must be all levels (ints) or all name patterns, got {wanted!r}.")
+        if wanted and all(is_level):
+            levels = sorted({level for _, level in available.values()})
+            missing = sorted(set(wanted) - set(levels))
             if missing:
-                levels = sorted({level for _, level in available.values()})
-                raise ValueError(f"`layers` levels {missing} have no cross-attention; levels with it: {levels}.")
-            return {n: v for n, v in available.items() if v[1] in layers}
-        chosen = {n: v for n, v in available.items() if any(fnmatch.fnmatch(n, str(p)) for p in layers)}
+                what = f"level {layers} has" if single_level else f"levels {missing} have"
+                raise ValueError(f"`layers` {what} no cross-attention; levels with it: {levels}.")
+            return {n: v for n, v in available.items() if v[1] in wanted}
+        chosen = {n: v for n, v in available.items() if any(fnmatch.fnmatch(n, str(p)) for p in wanted)}
         if not chosen:
-            raise ValueError(f"`layers` {list(layers)} match no cross-attention layer; layers: {sorted(available)}.")
+            raise ValueError(f"`layers` {wanted} match no cross-attention layer; layers: {sorted(available)}.")
         return chosen
 
     def reset(self) -> None:
