@@ -30,7 +30,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_cfx.networks.schedulers import ddim_invert
+from monai_cfx.inferers import ddim_invert
 
 __all__ = ["main"]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
-from monai_cfx.apps.generation import oracle_predict, save_generated
+from monai_cfx.apps.generation import save_generated
 from monai_cfx.inferers import SamplingHook
+from monai_cfx.metrics import oracle_predict
 
 
 class LatentNormLogger(SamplingHook):

@@ -26,10 +26,9 @@ import torch
 from monai.data import MetaTensor
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
-from monai_cfx.apps.generation import oracle_predict
 from monai_cfx.data import generate_phantom
 from monai_cfx.handlers import CounterfactualSaver
-from monai_cfx.metrics import compute_localization_auroc, compute_masked_l1
+from monai_cfx.metrics import compute_localization_auroc, compute_masked_l1, oracle_predict
 from monai_cfx.transforms import DifferenceMap
 
 

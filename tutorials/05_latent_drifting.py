@@ -30,9 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config  # noqa: E402
-from monai_cfx.apps.drifting import DriftSampler, drift_along, monte_carlo_l1, phantom_drift_direction  # noqa: E402
+from monai_cfx.apps.drifting import DriftSampler, drift_along, phantom_drift_direction  # noqa: E402
 from monai_cfx.apps.generation import stack_items  # noqa: E402
 from monai_cfx.inferers import DriftLatentDiffusionInferer  # noqa: E402
+from monai_cfx.metrics import monte_carlo_l1  # noqa: E402
 from monai_cfx.utils import save_figure  # noqa: E402
 
 

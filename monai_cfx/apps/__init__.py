@@ -8,6 +8,6 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""End-to-end applications built from the library: the showcase job, and later MONAI Label / Deploy glue."""
+"""Orchestration only: bundle config helpers, the generation and drift-search jobs, and the showcase main job."""
 
 from __future__ import annotations

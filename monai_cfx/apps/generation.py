@@ -24,7 +24,8 @@ from monai.metrics import FIDMetric
 from monai.metrics.rocauc import compute_roc_auc
 
 from monai_cfx.data import generate_phantom
-from monai_cfx.inferers import TextGuidedLatentDiffusionInferer, seeded_noise
+from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
+from monai_cfx.metrics import oracle_predict
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "evaluate_oracle",
     "finding_prompts",
     "generate_images",
-    "oracle_predict",
     "save_generated",
     "stack_items",
 ]
@@ -52,37 +52,32 @@ def generate_images(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     verbose: bool = False,
+    hooks: Sequence[SamplingHook] = (),
 ) -> torch.Tensor:
-    """Sample one image per prompt with classifier-free guidance; image ``i`` is reproducible from ``seeds[i]``.
+    """Sample one image per prompt with classifier-free guidance; image ``i`` is reproducible from ``seeds[i]``
+    (:func:`~monai_cfx.inferers.sample_prompts` with ``inferer.sample``; ``hooks`` go to every step).
 
     Returns:
         images ``(N, C, *spatial)`` clipped to [0, 1], on the CPU.
     """
-    if isinstance(prompts, str) or len(prompts) == 0:
-        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r}.")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"`seeds` must have one entry per prompt ({len(prompts)}), got {len(seeds)}.")
     autoencoder, diffusion = autoencoder.to(device).eval(), diffusion.to(device).eval()
     inferer.scheduler.set_timesteps(num_inference_steps)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        batch_prompts = list(prompts[start : start + batch_size])
-        noise = seeded_noise(latent_shape, seeds[start : start + batch_size], device=device)
-        with torch.no_grad():
-            context = text_encoder(batch_prompts).to(device)
-            uncond = text_encoder.null_context(len(batch_prompts)).to(device)
-            generated = inferer.sample(
-                noise,
-                autoencoder,
-                diffusion,
-                conditioning=context,
-                uncond_conditioning=uncond,
-                guidance_scale=guidance_scale,
-                verbose=verbose,
-            )
-        images.append(generated.clamp(0, 1).float().cpu())
-    return torch.cat(images)
+
+    def sample(noise: torch.Tensor, context: torch.Tensor, uncond_context: torch.Tensor) -> torch.Tensor:
+        images = inferer.sample(
+            noise,
+            autoencoder,
+            diffusion,
+            conditioning=context,
+            uncond_conditioning=uncond_context,
+            guidance_scale=guidance_scale,
+            hooks=hooks,
+            verbose=verbose,
+        )
+        return images.clamp(0, 1).float()
+
+    return sample_prompts(sample, text_encoder, prompts, seeds, latent_shape, batch_size, device)
 
 
 def save_generated(
@@ -138,22 +133,6 @@ def finding_prompts(
             for i in range(per_finding)
         ]
     return prompts
-
-
-def oracle_predict(
-    oracle: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid probabilities ``(N, K)`` and embeddings ``(N, F)`` of ``images`` under the oracle
-    (a ``FindingClassifier``, or any module with ``logits_and_embedding``)."""
-    oracle = oracle.to(device).eval()
-    probabilities, embeddings = [], []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            logits, embedding = oracle.logits_and_embedding(batch)
-            probabilities.append(torch.sigmoid(logits).cpu())
-            embeddings.append(embedding.cpu())
-    return torch.cat(probabilities), torch.cat(embeddings)
 
 
 def evaluate_oracle(

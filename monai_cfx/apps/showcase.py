@@ -48,11 +48,18 @@ from typing import Any
 import numpy as np
 
 from monai_cfx.data import BRAIN_FINDINGS, CHEST_FINDINGS, brain_phantom, chest_phantom, generate_phantom
-from monai_cfx.utils import check_writable, save_figure, write_json, write_nifti
-from monai_cfx.visualize import draw_heatmap
+from monai_cfx.metrics import oracle_predict
+from monai_cfx.utils import check_writable, write_json, write_nifti
+from monai_cfx.visualize import (
+    plot_brain_phantoms,
+    plot_chest_phantoms,
+    plot_counterfactual_rows,
+    plot_grounding_panels,
+    plot_sample_grid,
+)
 
 from .bundle_config import default_bundle_dir, load_bundle_config
-from .generation import oracle_predict, save_generated
+from .generation import save_generated
 
 __all__ = ["run_showcase"]
 
@@ -64,70 +71,6 @@ CHEST_EXAMPLES: list[tuple[str, list[Any], str | None]] = [
     ("nodule", [{"name": "nodule", "side": "left", "zone": "upper"}], None),
     ("target domain", [{"name": "opacity", "side": "left", "zone": "middle"}], "target"),
 ]
-
-
-def _chest_figure(subjects: Sequence[tuple[str, dict[str, Any]]], path: Path, overwrite: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, len(subjects), figsize=(2.6 * len(subjects), 8.4))
-    for column, (title, subject) in enumerate(subjects):
-        difference = (subject["image"] - subject["healthy"])[0].T  # MONAI (W, H) -> display (H, W)
-        axes[0, column].imshow(subject["image"][0].T, cmap="gray", vmin=0, vmax=1)
-        axes[0, column].set_title(title, fontsize=10)
-        for phrase in subject["phrases"]:
-            x0, y0, x1, y1 = phrase["box"]
-            axes[0, column].add_patch(
-                plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1)
-            )
-            axes[0, column].text(x0, y0 - 2, phrase["text"], color="lime", fontsize=6)
-        axes[1, column].imshow(subject["healthy"][0].T, cmap="gray", vmin=0, vmax=1)
-        axes[2, column].imshow(difference, cmap="RdBu_r", vmin=-0.4, vmax=0.4)
-        if subject["mask"].any():
-            axes[2, column].contour(subject["mask"][0].T, levels=[0.5], colors="k", linewidths=0.6)
-        axes[2, column].set_xlabel(subject["report"], fontsize=6, wrap=True)
-    for row, label in enumerate(["image (boxes: phrases)", "healthy twin", "image − twin (contour: mask)"]):
-        axes[row, 0].set_ylabel(label, fontsize=9)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    fig.tight_layout()
-    save_figure(fig, path, overwrite, dpi=110)
-
-
-def _brain_figure(subjects: Sequence[tuple[str, dict[str, Any]]], path: Path, overwrite: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(subjects), 4, figsize=(11, 2.9 * len(subjects)))
-    for row, (title, subject) in enumerate(subjects):
-        volume = subject["image"][0]
-        if subject["phrases"]:
-            box = subject["phrases"][0]["box"]
-            center = [(box[i] + box[i + 3]) // 2 for i in range(3)]
-        else:
-            center = [s // 2 for s in volume.shape]
-        planes = [
-            ("axial", volume[:, :, center[2]].T, subject["healthy"][0][:, :, center[2]].T),
-            ("coronal", volume[:, center[1], :].T, None),
-            ("sagittal", volume[center[0], :, :].T, None),
-        ]
-        for column, (plane, image, _) in enumerate(planes):
-            axes[row, column].imshow(image, cmap="gray", origin="lower", vmin=0, vmax=1)
-            axes[row, column].set_title(f"{title}: {plane}", fontsize=8)
-        difference = (subject["image"] - subject["healthy"])[0][:, :, center[2]].T
-        axes[row, 3].imshow(difference, cmap="RdBu_r", origin="lower", vmin=-0.5, vmax=0.5)
-        axes[row, 3].set_title("axial: image − twin", fontsize=8)
-        axes[row, 0].set_ylabel(subject["report"][:48], fontsize=6)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    fig.tight_layout()
-    save_figure(fig, path, overwrite, dpi=100)
 
 
 # (prompt, findings the prompt names) per dimensionality; two seeds each
@@ -185,40 +128,6 @@ def _generate_samples(bundle_dir: Path, dims: str, output_dir: Path, overwrite: 
     }
 
 
-def _samples_figure(dims: str, result: dict[str, Any], path: Path, overwrite: bool) -> None:
-    """One row per prompt, one column per seed (axial over coronal mid-slice in 3D), with the oracle's verdict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, columns = len(SAMPLE_PROMPTS[dims]), len(SAMPLE_SEEDS)
-    height = 2.3 if dims == "2d" else 3.6
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, height * rows), squeeze=False)
-    for index, (sample, image) in enumerate(zip(result["samples"], result["images"][:, 0].numpy())):
-        axis = axes[index // columns, index % columns]
-        if dims == "3d":  # axial mid-slice above the coronal one, RAS voxels shown radiologically
-            mid = image.shape[2] // 2
-            image = np.concatenate([image[:, :, mid].T[::-1], image[:, image.shape[1] // 2, :].T[::-1]], 0)
-        else:
-            image = image.T
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        verdict = ", ".join(f"{k} {v:.2f}" for k, v in sample["oracle_probabilities"].items() if v > 0.5) or "none"
-        axis.set_xlabel(
-            f"seed {sample['seed']} | {verdict}", fontsize=6, color="green" if sample["oracle_agrees"] else "red"
-        )
-        if index % columns == 0:
-            axis.set_ylabel(sample["prompt"].replace(" with ", "\nwith "), fontsize=6)
-    fig.suptitle(
-        f"{dims.upper()} samples from report prompts; the oracle's findings (green: agrees with the prompt)",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    save_figure(fig, path, overwrite, dpi=120)
-
-
 # abnormal phantoms explained by the main job: (title, findings) per dimensionality, seed 1
 COUNTERFACTUAL_EXAMPLES: dict[str, list[tuple[str, list[Any]]]] = {
     "2d": [(title, findings) for title, findings, domain in CHEST_EXAMPLES if findings and domain is None],
@@ -231,12 +140,13 @@ COUNTERFACTUAL_EXAMPLES: dict[str, list[tuple[str, list[Any]]]] = {
 
 def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 1) -> dict[str, Any]:
     """Healthy counterfactuals of ``COUNTERFACTUAL_EXAMPLES[dims]`` with the counterfactual bundle's settings,
-    saved by its ``CounterfactualSaver``, and measured against the phantoms' healthy twins."""
+    saved by its ``CounterfactualSaver`` and measured against the phantoms' healthy twins by its
+    ``CounterfactualMetricsHandler`` (the measures of its ``evaluate.json``)."""
     import torch
     from monai.data import MetaTensor
 
     from monai_cfx.handlers import CounterfactualSaver
-    from monai_cfx.metrics import compute_localization_auroc, compute_masked_l1
+    from monai_cfx.metrics import compute_masked_l1
 
     configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     parser = load_bundle_config(default_bundle_dir("counterfactual"), configs, device=torch.device("cpu"))
@@ -244,7 +154,7 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     label_names = list(parser.get_parsed_content("label_names"))
     inferer = parser.get_parsed_content("counterfactual_inferer")
     unet, autoencoder = parser.get_parsed_content("load_diffusion"), parser.get_parsed_content("load_autoencoder")
-    oracle = parser.get_parsed_content("load_oracle")
+    measures = parser.get_parsed_content("metrics_handler")
     text_encoder, prompt = parser.get_parsed_content("text_encoder"), parser.get_parsed_content("healthy_prompt")
     difference = parser.get_parsed_content("postprocessing")
     saver = CounterfactualSaver(output_dir / f"counterfactuals_{dims}", default_prompt=prompt, overwrite=overwrite)
@@ -260,21 +170,24 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
         counterfactual = inferer(image, unet, autoencoder, context, uncond, seed=0)[0].clamp(0, 1)
         item = difference({"image": image[0], "pred": counterfactual, "mask": torch.from_numpy(subject["mask"])})
         saver.save_item(item)
-        before, _ = oracle_predict(oracle, image.as_tensor())
-        after, _ = oracle_predict(oracle, counterfactual.as_tensor()[None])
-        # batch-first tensors for the metrics: counterfactual, input, twin and finding mask
-        result, source = counterfactual.as_tensor()[None], image.as_tensor()
-        healthy, mask = torch.from_numpy(subject["healthy"])[None], torch.from_numpy(subject["mask"])[None]
+        healthy = torch.from_numpy(subject["healthy"])
+        labels = torch.as_tensor(subject["labels"])
+        # the bundle's per-image measures of this item, with the healthy twin as the true counterfactual
+        measured = measures.compute([{**item, measures.twin_key: healthy, measures.label_key: labels}])
+        before = measures.oracle_probabilities(image.as_tensor())
+        after = measures.oracle_probabilities(counterfactual.as_tensor()[None])
+        # the input's own distance to its twin: how far the counterfactual had to go
+        source, mask = image.as_tensor(), torch.from_numpy(subject["mask"])[None]
         examples.append(
             {
                 "title": title,
                 "report": subject["report"],
                 "finding_probability_before": dict(zip(label_names, [round(p, 4) for p in before[0].tolist()])),
                 "finding_probability_after": dict(zip(label_names, [round(p, 4) for p in after[0].tolist()])),
-                "localization_auroc": round(float(compute_localization_auroc(item["difference"][None], mask)[0]), 4),
-                "twin_l1_inside": round(float(compute_masked_l1(result, healthy, mask, "inside")[0]), 4),
-                "twin_l1_outside": round(float(compute_masked_l1(result, healthy, mask, "outside")[0]), 4),
-                "input_twin_l1_inside": round(float(compute_masked_l1(source, healthy, mask, "inside")[0]), 4),
+                "localization_auroc": round(float(measured["localization_auroc"][0]), 4),
+                "twin_l1_inside": round(float(measured["twin_l1_inside"][0]), 4),
+                "twin_l1_outside": round(float(measured["twin_l1_outside"][0]), 4),
+                "input_twin_l1_inside": round(float(compute_masked_l1(source, healthy[None], mask, "inside")[0]), 4),
                 "arrays": (subject["image"][0], counterfactual.numpy()[0], item["difference"].numpy()[0],
                            subject["image"][0] - subject["healthy"][0]),
             }
@@ -282,44 +195,6 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     saver.write_manifest()
     settings = {k: parser.get_parsed_content(k) for k in ("start", "noise_strength", "num_inference_steps")}
     return {"examples": examples, "prompt": prompt, "seconds": round(time.perf_counter() - start, 2), **settings}
-
-
-def _counterfactual_figure(dims: str, result: dict[str, Any], path: Path, overwrite: bool) -> None:
-    """One row per example: image | counterfactual | difference map | true difference (image − twin)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    examples = result["examples"]
-    fig, axes = plt.subplots(len(examples), 4, figsize=(9.2, 2.45 * len(examples)), squeeze=False)
-    titles = ["image", f"counterfactual ({result['start']} {result['noise_strength']})", "difference map",
-              "true difference (image − twin)"]  # fmt: skip
-    for row, example in enumerate(examples):
-        arrays = example["arrays"]
-        if dims == "3d":  # the axial slice where the finding is largest
-            depth = int(np.abs(arrays[3]).sum(axis=(0, 1)).argmax())
-            arrays = tuple(a[:, :, depth] for a in arrays)
-        for column, array in enumerate(arrays):
-            axis = axes[row, column]
-            if column < 2:
-                axis.imshow(array.T, cmap="gray", vmin=0, vmax=1, origin="lower" if dims == "3d" else "upper")
-            else:
-                limit = max(float(np.abs(array).max()), 1e-6)
-                cmap, low = ("inferno", 0.0) if column == 2 else ("RdBu_r", -limit)
-                axis.imshow(array.T, cmap=cmap, vmin=low, vmax=limit, origin="lower" if dims == "3d" else "upper")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(titles[column], fontsize=8)
-        before = max(example["finding_probability_before"].values())
-        after = max(example["finding_probability_after"].values())
-        axes[row, 0].set_ylabel(example["title"], fontsize=8)
-        axes[row, 1].set_xlabel(f"oracle p(finding) {before:.2f} → {after:.2f}", fontsize=7)
-        axes[row, 2].set_xlabel(f"localisation AUROC {example['localization_auroc']:.2f}", fontsize=7)
-    fig.suptitle(f'Healthy counterfactuals: "{result["prompt"]}"', fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, overwrite, dpi=100)
 
 
 def _rounded(values: Any) -> list[float | None]:
@@ -369,34 +244,6 @@ def _ground_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 1
     saver.write_manifest()
     settings = {k: parser.get_parsed_content(k) for k in ("attention_layers", "capture_window", "num_inference_steps")}
     return {"examples": examples, "seconds": round(time.perf_counter() - start, 2), **settings}
-
-
-def _grounding_figure(dims: str, result: dict[str, Any], path: Path, overwrite: bool) -> None:
-    """One panel per phrase: the image with the phrase's heat map over it and its box outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(e, k) for e in result["examples"] for k in range(len(e["phrases"]))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels), 3.0), squeeze=False)
-    for axis, (example, index) in zip(axes[0], panels):
-        image, heatmap, box = example["arrays"][0], example["arrays"][1][index], example["arrays"][2][index]
-        if dims == "3d":  # the axial slice through the middle of the box (of the volume for a hidden finding)
-            depths = np.flatnonzero(box.any(axis=(0, 1)))
-            depth = int(depths[len(depths) // 2]) if len(depths) else box.shape[2] // 2
-            image, heatmap, box = image[:, :, depth], heatmap[:, :, depth], box[:, :, depth]
-        draw_heatmap(axis, image, heatmap, box, origin="lower" if dims == "3d" else "upper")
-        axis.set_title(f'"{example["phrases"][index]}"', fontsize=7)
-        auroc, cnr = example["auroc"][index], example["cnr"][index]
-        axis.set_xlabel("no box" if auroc is None else f"AUROC {auroc:.2f}, CNR {cnr:.2f}", fontsize=7)
-    layers = result["attention_layers"]
-    fig.suptitle(
-        f"Zero-shot phrase grounding\n(cross-attention during DDIM inversion, layers {layers}; box: ground truth)",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    save_figure(fig, path, overwrite, dpi=100)
 
 
 def _finding_statistics(num_subjects: int, seed: int) -> dict[str, Any]:
@@ -480,8 +327,8 @@ def run_showcase(
         ("normal, age 25", brain_phantom(seed + 2, findings=[], age=25.0)),
         ("normal, age 85", brain_phantom(seed + 2, findings=[], age=85.0)),
     ]
-    _chest_figure(chest, output_dir / "phantoms_2d.png", overwrite)
-    _brain_figure(brain, output_dir / "phantoms_3d.png", overwrite)
+    plot_chest_phantoms(chest, output_dir / "phantoms_2d.png", overwrite)
+    plot_brain_phantoms(brain, output_dir / "phantoms_3d.png", overwrite)
     for title, subject in chest[:-1] + brain[:1]:
         stem = title.replace(" ", "_").replace(",", "")
         kind = "brain" if subject["image"].ndim == 4 else "chest"
@@ -499,14 +346,14 @@ def run_showcase(
     }
     generated = {dims: _generate_samples(bundle_dir, dims, output_dir, overwrite) for dims in SAMPLE_PROMPTS}
     for dims, result in generated.items():
-        _samples_figure(dims, result, output_dir / f"samples_{dims}.png", overwrite)
+        plot_sample_grid(dims, result, len(SAMPLE_SEEDS), output_dir / f"samples_{dims}.png", overwrite)
     metrics = {
         dims: {key: value for key, value in result.items() if key != "images"} for dims, result in generated.items()
     }
     # the same abnormal phantoms explained twice: healthy counterfactuals, then phrase grounding
     for name, explain, draw in (
-        ("counterfactuals", _explain_phantoms, _counterfactual_figure),
-        ("grounding", _ground_phantoms, _grounding_figure),
+        ("counterfactuals", _explain_phantoms, plot_counterfactual_rows),
+        ("grounding", _ground_phantoms, plot_grounding_panels),
     ):
         for dims in COUNTERFACTUAL_EXAMPLES:
             result = explain(dims, output_dir, overwrite, seed + 1)

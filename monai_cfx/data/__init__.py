@@ -8,8 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Phantom benchmark: 2D chest radiographs and 3D brain MRI with ground-truth healthy twins, finding
-masks, boxes, labels, reports and MS-CXR-style phrases."""
+"""Phantoms with healthy twins (2D chest, 3D brain), their MONAI datasets and datalists, and data splits."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from .dataset import (
     subject_to_item,
     write_phantom_dataset,
 )
+from .splits import split_fractions
 from .synthesis import DOMAIN_PRESETS, resolve_domain
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "generate_phantom",
     "phantom_affine",
     "resolve_domain",
+    "split_fractions",
     "subject_to_item",
     "write_phantom_dataset",
 ]

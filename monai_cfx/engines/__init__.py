@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Trainer building blocks for MONAI's ignite engines."""
+"""PrepareBatch classes and losses for MONAI engines: latent diffusion, fine-tuning, counterfactuals, grounding."""
 
 from __future__ import annotations
 

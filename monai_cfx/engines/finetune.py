@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from monai.networks.schedulers import Scheduler
 
-from monai_cfx.inferers import check_drift
-from monai_cfx.inferers.sampling import denoise, seeded_noise
+from monai_cfx.inferers import Drift, SamplingHook, denoise, sample_prompts
 from monai_cfx.utils import check_option
 from monai_cfx.visualize.attention import cross_attention_layers
 
@@ -96,7 +95,8 @@ class FineTuning:
         token: the identifier word (``dreambooth``, e.g. ``"sks"``) or the new placeholder token
             (``textual_inversion``, ``custom_diffusion``, e.g. ``"<target-domain>"``); not used by ``full``.
         initializer: words whose embedding starts a new token (e.g. ``"radiograph"``).
-        drift: the δ trained with, recorded in the checkpoint so that inference uses the same one.
+        drift: the δ trained with (a :class:`~monai_cfx.inferers.Drift` or its value), recorded in the checkpoint so
+            that inference uses the same one.
 
     Raises:
         ValueError: for an unknown ``mode``, a token-based mode without ``token``, a ``token`` given to ``full``,
@@ -117,7 +117,7 @@ class FineTuning:
         text_encoder: Any,
         token: str | None = None,
         initializer: str | None = None,
-        drift: float | Sequence[float] = 0.0,
+        drift: float | Sequence[float] | Drift = 0.0,
     ) -> None:
         self.mode = check_option("mode", mode, FINETUNE_MODES)
         if mode in _TOKEN_MODES and not (isinstance(token, str) and token.strip()):
@@ -130,15 +130,11 @@ class FineTuning:
         self.unet = unet
         self.text_encoder = text_encoder
         self.token = token.strip() if token is not None else None
-        values = check_drift(drift)
+        self.drift = Drift(drift)
         channels = getattr(unet, "in_channels", None)
-        if isinstance(values, tuple) and channels is not None and len(values) != channels:
-            # checked here so that a wrong δ fails before training, not at its first step
-            raise ValueError(
-                f"`drift` must be one number or one per latent channel ({channels}), "
-                f"got {len(values)} values {drift!r}."
-            )
-        self.drift = list(values) if isinstance(values, tuple) else values
+        if channels is not None:
+            # here, so that a wrong δ fails before training, not at its first step
+            self.drift.check_channels(channels, channel="latent channel")
         if mode == "dreambooth" and not text_encoder.tokenizer(self.token, add_special_tokens=False)["input_ids"]:
             raise ValueError(f"the identifier `token` {self.token!r} maps to no token of the text encoder.")
 
@@ -182,7 +178,12 @@ class FineTuning:
             unet_state = {name: tensor.detach().cpu().clone() for name, tensor in self.unet.state_dict().items()}
         else:
             unet_state = {name: parameter.detach().cpu().clone() for name, parameter in self._unet_trained.items()}
-        state: dict[str, Any] = {"mode": self.mode, "token": self.token, "drift": self.drift, "unet": unet_state}
+        state: dict[str, Any] = {
+            "mode": self.mode,
+            "token": self.token,
+            "drift": self.drift.tolist(),
+            "unet": unet_state,
+        }
         if self.mode in _NEW_TOKEN_MODES:
             state["token_embeddings"] = self.text_encoder.token_embeddings_state()
         return state
@@ -266,7 +267,6 @@ def load_finetuned(path: str | os.PathLike, unet: torch.nn.Module, text_encoder:
         raise ValueError(f"{path!r}: {error}") from error
 
 
-@torch.no_grad()
 def generate_prior_latents(
     unet: torch.nn.Module,
     scheduler: Scheduler,
@@ -279,6 +279,7 @@ def generate_prior_latents(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    hooks: Sequence[SamplingHook] = (),
 ) -> torch.Tensor:
     """DreamBooth's class-prior samples: scaled latents that the frozen model generates from ``prompts``.
 
@@ -296,35 +297,33 @@ def generate_prior_latents(
         batch_size: samples per UNet batch.
         device: where to sample.
         verbose: a progress bar per batch.
+        hooks: step hooks of the sampling loop (e.g. a :class:`~monai_cfx.inferers.DriftHook`).
 
     Returns:
         ``(len(prompts), C, *spatial)`` latents on the CPU.
     """
-    if isinstance(prompts, str) or len(prompts) == 0:
-        raise ValueError(f"`prompts` must be a non-empty list of class prompts, got {prompts!r}.")
     scheduler.set_timesteps(num_inference_steps)
     unet = unet.to(device)
     was_training = unet.training
     unet.eval()
-    latents = []
+
+    def sample(noise: torch.Tensor, context: torch.Tensor, uncond_context: torch.Tensor) -> torch.Tensor:
+        return denoise(
+            unet,
+            scheduler,
+            noise,
+            context=context,
+            uncond_context=uncond_context,
+            guidance_scale=guidance_scale,
+            hooks=hooks,
+            verbose=verbose,
+        )
+
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start : start + batch_size])
-            noise = seeded_noise(latent_shape, [seed + start + i for i in range(len(batch))], device=device)
-            latents.append(
-                denoise(
-                    unet,
-                    scheduler,
-                    noise,
-                    context=text_encoder(batch).to(device),
-                    uncond_context=text_encoder.null_context(len(batch)).to(device),
-                    guidance_scale=guidance_scale,
-                    verbose=verbose,
-                ).cpu()
-            )
+        seeds = [seed + i for i in range(len(prompts))]
+        return sample_prompts(sample, text_encoder, prompts, seeds, latent_shape, batch_size, device)
     finally:
         unet.train(was_training)
-    return torch.cat(latents)
 
 
 class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
@@ -379,14 +378,11 @@ class FineTunePrepareBatch(LatentDiffusionPrepareBatch):
             drift_inferer=drift_inferer,
         )
         self.fine_tuning = fine_tuning
-        trained = check_drift(drift_inferer.drift if drift_inferer is not None else 0.0)
-        recorded = check_drift(fine_tuning.drift)
-        if (trained if isinstance(trained, tuple) else (trained,)) != (
-            recorded if isinstance(recorded, tuple) else (recorded,)
-        ):
+        trained = drift_inferer.drift if drift_inferer is not None else Drift(0.0)
+        if fine_tuning.drift.values != trained.values:  # one number and a list of one are the same δ
             raise ValueError(
-                f"`fine_tuning.drift` ({fine_tuning.drift}) must be the drift the training uses "
-                f"(`drift_inferer`: {trained}), so that its checkpoint records the right one."
+                f"`fine_tuning.drift` ({fine_tuning.drift.tolist()}) must be the drift the training uses "
+                f"(`drift_inferer`: {trained.tolist()}), so that its checkpoint records the right one."
             )
         if (fine_tuning.mode == "dreambooth") != (prior_latents is not None):
             raise ValueError(

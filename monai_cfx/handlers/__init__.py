@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers for MONAI evaluators: counterfactual saving and metrics, feature distances, grounding metrics."""
+"""Ignite handlers for MONAI evaluators: counterfactual and grounding savers and metrics, feature distances."""
 
 from __future__ import annotations
 

@@ -228,7 +228,8 @@ class CounterfactualMetricsHandler:
     def _stack(self, items: Sequence[Mapping[str, Any]], key: str, device: torch.device) -> torch.Tensor:
         return torch.stack([torch.as_tensor(i[key], dtype=torch.float32) for i in items]).to(device)
 
-    def _oracle_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def oracle_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """The oracle's finding probabilities ``(B, K)`` of images ``(B, C, *spatial)`` (sigmoid of its logits)."""
         with torch.no_grad():
             if hasattr(self.oracle, "logits_and_embedding"):
                 logits, _ = self.oracle.logits_and_embedding(images)
@@ -249,7 +250,7 @@ class CounterfactualMetricsHandler:
         difference = self._stack(items, self.difference_key, device)
         mask = self._stack(items, self.mask_key, device)
         labels = self._stack(items, self.label_key, device)
-        probabilities = self._oracle_probabilities(counterfactual)
+        probabilities = self.oracle_probabilities(counterfactual)
         values = {
             "validity": compute_counterfactual_validity(probabilities, labels, self.direction, self.threshold),
             "l1_outside": compute_masked_l1(counterfactual, image, mask, "outside"),

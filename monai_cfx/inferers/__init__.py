@@ -8,28 +8,32 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Inferers: the shared sampling loop and its method-specific hooks and wrappers."""
+"""The one sampling loop (also running DDIM inversion), its step hooks, and each method's MONAI-style inferer."""
 
 from __future__ import annotations
 
 from .counterfactual import CounterfactualInferer, RegionBlendHook
-from .drift import DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer, check_drift, drift_tensor
-from .grounding import CrossAttentionGroundingInferer
-from .latent_diffusion import TextGuidedLatentDiffusionInferer
-from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
+from .drift import Drift, DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer
+from .grounding import CaptureWindowHook, CrossAttentionGroundingInferer
+from .inversion import ddim_invert
+from .latent_diffusion import TextGuidedLatentDiffusionInferer, sample_prompts
+from .sampling import KeepSamples, SamplingHook, SamplingState, denoise, seeded_noise
 
 __all__ = [
+    "CaptureWindowHook",
     "CounterfactualInferer",
     "CrossAttentionGroundingInferer",
+    "Drift",
     "DriftDiffusionInferer",
     "DriftHook",
     "DriftLatentDiffusionInferer",
+    "KeepSamples",
     "RegionBlendHook",
     "SamplingHook",
     "SamplingState",
     "TextGuidedLatentDiffusionInferer",
+    "ddim_invert",
     "denoise",
-    "check_drift",
-    "drift_tensor",
+    "sample_prompts",
     "seeded_noise",
 ]

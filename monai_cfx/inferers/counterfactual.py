@@ -31,40 +31,15 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type
 
-from monai_cfx.networks.schedulers import ddim_invert
+from monai_cfx.networks.schedulers import DDIMInverseScheduler, check_strength, strength_steps
+from monai_cfx.networks.utils import downsampling_factor, encode_mean, spatial_dims_of
 from monai_cfx.utils import check_finite, check_option
 
-from .sampling import SamplingHook, SamplingState, denoise, seeded_noise
+from .sampling import KeepSamples, SamplingHook, SamplingState, _run_loop, seeded_noise
 
 __all__ = ["CounterfactualInferer", "RegionBlendHook"]
 
 START_MODES = ("noise", "inversion")
-
-
-def _spatial_dims_of(network: torch.nn.Module) -> int | None:
-    """Spatial dimensionality of a convolutional network, read from its first convolution."""
-    for module in network.modules():
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            return module.weight.ndim - 2
-    return None
-
-
-def _downsampling_factor(network: torch.nn.Module) -> int:
-    """Total down-sampling of MONAI's AutoencoderKL / VQVAE encoder or DiffusionModelUNet (1 if unknown)."""
-    encoder = getattr(network, "encoder", None)
-    if encoder is not None and hasattr(encoder, "channels"):
-        return 2 ** (len(encoder.channels) - 1)
-    if hasattr(network, "block_out_channels"):
-        return 2 ** (len(network.block_out_channels) - 1)
-    return 1
-
-
-def _encode_mean(autoencoder_model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The posterior mean of an AutoencoderKL (deterministic), else the model's stage-2 encoding."""
-    encode = getattr(autoencoder_model, "encode", None)
-    if encode is not None and hasattr(autoencoder_model, "sampling"):
-        return encode(images)[0]
-    return autoencoder_model.encode_stage_2_inputs(images)
 
 
 class RegionBlendHook(SamplingHook):
@@ -144,7 +119,7 @@ class CounterfactualInferer(Inferer):
             )
         self.scheduler = scheduler
         self.scale_factor = float(scale_factor)
-        self.noise_strength = self._check_noise_strength(noise_strength)
+        self.noise_strength = check_strength("noise_strength", noise_strength)
         valid_steps = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
         if not valid_steps or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
             raise ValueError(
@@ -164,12 +139,6 @@ class CounterfactualInferer(Inferer):
         self.verbose = verbose
 
     @staticmethod
-    def _check_noise_strength(noise_strength: Any) -> float:
-        if isinstance(noise_strength, bool) or not isinstance(noise_strength, Real) or not 0 < noise_strength <= 1:
-            raise ValueError(f"`noise_strength` must be a number in (0, 1], got {noise_strength!r}.")
-        return float(noise_strength)
-
-    @staticmethod
     def _check_guidance_scale(guidance_scale: Any) -> float:
         if (
             isinstance(guidance_scale, bool)
@@ -180,9 +149,10 @@ class CounterfactualInferer(Inferer):
         return float(guidance_scale)
 
     def num_edit_steps(self, noise_strength: float | None = None) -> int:
-        """Reverse steps an edit at ``noise_strength`` runs: ``max(1, round(noise_strength * N))``."""
-        strength = self.noise_strength if noise_strength is None else noise_strength
-        return max(1, round(strength * self.num_inference_steps))
+        """Reverse steps an edit at ``noise_strength`` runs (:func:`~monai_cfx.networks.schedulers.strength_steps`:
+        ``max(1, round(noise_strength * N))``); the inferer's own strength by default."""
+        strength = self.noise_strength if noise_strength is None else check_strength("noise_strength", noise_strength)
+        return strength_steps(strength, self.num_inference_steps)
 
     def _check_inputs(
         self,
@@ -199,7 +169,7 @@ class CounterfactualInferer(Inferer):
         check_finite("inputs", inputs)
         spatial_dims = inputs.ndim - 2
         for name, network in (("autoencoder_model", autoencoder_model), ("diffusion_model", diffusion_model)):
-            network_dims = _spatial_dims_of(network)
+            network_dims = spatial_dims_of(network)
             if network_dims is not None and network_dims != spatial_dims:
                 raise ValueError(
                     f"`inputs` has {spatial_dims} spatial dimensions {tuple(inputs.shape[2:])}, but `{name}` is a "
@@ -262,8 +232,7 @@ class CounterfactualInferer(Inferer):
             hooks: extra :class:`SamplingHook`\\ s (guidance, drift, prompt swap), run before region blending.
         """
         self._check_inputs(inputs, diffusion_model, autoencoder_model, conditioning, uncond_conditioning, region_mask)
-        strength = self.noise_strength if noise_strength is None else self._check_noise_strength(noise_strength)
-        num_steps = self.num_edit_steps(strength)
+        num_steps = self.num_edit_steps(noise_strength)
         device = inputs.device
         batch_size = inputs.shape[0]
         if conditioning is not None:
@@ -272,7 +241,7 @@ class CounterfactualInferer(Inferer):
             uncond_conditioning = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
 
         # pad so that the autoencoder and the UNet can divide the size, crop back after decoding
-        factor = _downsampling_factor(autoencoder_model) * _downsampling_factor(diffusion_model)
+        factor = downsampling_factor(autoencoder_model) * downsampling_factor(diffusion_model)
         original_size = tuple(inputs.shape[2:])
         padded_size = tuple(math.ceil(s / factor) * factor for s in original_size)
         # pad at the end of each axis so that cropping back is a plain slice (a centred pad of an odd amount
@@ -283,24 +252,27 @@ class CounterfactualInferer(Inferer):
             images = torch.stack([torch.as_tensor(padder(i)) for i in images])
 
         with torch.no_grad():
-            clean_latent = _encode_mean(autoencoder_model, images) * self.scale_factor
+            clean_latent = encode_mean(autoencoder_model, images) * self.scale_factor
             self.scheduler.set_timesteps(self.num_inference_steps)
             timesteps = self.scheduler.timesteps[self.num_inference_steps - num_steps :]
             trajectory: list[torch.Tensor] = []
             noise = None
             if self.start == "inversion":
-                inverted = ddim_invert(
+                # the inversion runs the head of the schedule that the edit denoises back (the same num_steps)
+                inverse = DDIMInverseScheduler(self.scheduler)
+                kept = KeepSamples() if region_mask is not None else None  # only region blending needs the path
+                noisy_latent = _run_loop(
                     diffusion_model,
-                    self.scheduler,
+                    inverse,
                     clean_latent,
-                    self.num_inference_steps,
+                    inverse.timesteps[:num_steps],
                     context=uncond_conditioning if uncond_conditioning is not None else conditioning,
-                    end_fraction=num_steps / self.num_inference_steps,
-                    return_trajectory=region_mask is not None,  # only region blending needs the path back
-                    verbose=self.verbose,
+                    hooks=[kept] if kept is not None else [],
                     fixed_point_iterations=self.inversion_fixed_point_iterations,
+                    progress_description="DDIM inversion" if self.verbose else None,
                 )
-                noisy_latent, trajectory = inverted if region_mask is not None else (inverted, [])
+                if kept is not None:
+                    trajectory = [clean_latent, *(kept.samples[i] for i in range(num_steps))]
             else:
                 noise = self._noise(clean_latent, seed)
                 noisy_latent = self.scheduler.add_noise(clean_latent, noise, timesteps[:1].to(device))
@@ -310,16 +282,16 @@ class CounterfactualInferer(Inferer):
                 all_hooks.append(
                     self._region_blend_hook(region_mask, padder, clean_latent, noise, trajectory, timesteps)
                 )
-            latent = denoise(
+            latent = _run_loop(
                 diffusion_model,
                 self.scheduler,
                 noisy_latent,
-                timesteps=timesteps,
+                timesteps,
                 context=conditioning,
                 uncond_context=uncond_conditioning,
                 guidance_scale=self.guidance_scale,
                 hooks=all_hooks,
-                verbose=self.verbose,
+                progress_description="sampling" if self.verbose else None,
             )
             decoded = autoencoder_model.decode_stage_2_outputs(latent / self.scale_factor)
         if padder is not None:

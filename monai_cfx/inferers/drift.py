@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -38,81 +38,99 @@ from monai.networks.schedulers import Scheduler
 from .latent_diffusion import TextGuidedLatentDiffusionInferer
 from .sampling import SamplingHook, SamplingState, denoise
 
-__all__ = ["DriftDiffusionInferer", "DriftHook", "DriftLatentDiffusionInferer", "check_drift", "drift_tensor"]
+__all__ = ["Drift", "DriftDiffusionInferer", "DriftHook", "DriftLatentDiffusionInferer"]
 
-DriftValues = float | tuple[float, ...]
+DriftLike = Union["Drift", float, Sequence[float], torch.Tensor, np.ndarray]
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def check_drift(drift: Any, name: str = "drift") -> DriftValues:
-    """Check a drift δ and return it as a float (one drift for all channels) or a tuple (one per channel).
+class Drift:
+    """Latent Drifting's δ (arXiv 2412.20651): one number for all channels, or one number per channel.
+
+    The one owner of a drift: a value is checked once, when a ``Drift`` is made from it where it enters (an
+    inferer, a hook, a fine-tuning set-up, a search grid), and the object is carried unchanged through training,
+    the checkpoint (as :meth:`tolist`, which loads with ``weights_only=True``) and sampling. Making a ``Drift``
+    from a ``Drift`` returns an equal one without checking again.
 
     Args:
-        drift: a number, or a non-empty sequence (or 1-d tensor / array) of numbers, all finite.
+        value: a number, or a non-empty sequence (or 1-d tensor / array) of numbers, all finite; or a ``Drift``.
         name: the argument name that errors show.
 
     Raises:
-        ValueError: when ``drift`` is none of those.
-    """
-    if isinstance(drift, (torch.Tensor, np.ndarray)):
-        drift = drift.tolist()  # a 0-d tensor gives a number, a 1-d one a list
-    if _is_number(drift):
-        values: DriftValues = float(drift)
-        finite = math.isfinite(values)
-    elif (
-        isinstance(drift, Sequence)
-        and not isinstance(drift, (str, bytes))
-        and len(drift) > 0
-        and all(_is_number(value) for value in drift)
-    ):
-        values = tuple(float(value) for value in drift)
-        finite = all(math.isfinite(value) for value in values)
-    else:
-        raise ValueError(
-            f"`{name}` must be a number or a non-empty sequence of numbers (one per channel), got {drift!r}."
-        )
-    if not finite:
-        raise ValueError(f"`{name}` must be finite, got {drift!r}.")
-    return values
-
-
-def drift_tensor(drift: float | Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The drift δ as a tensor that broadcasts over ``like`` ``(B, C, *spatial)``: shape ``(1, 1, 1, ...)`` for
-    one number, ``(1, C, 1, ...)`` for one value per channel, with ``like``'s dtype and device.
-
-    Args:
-        drift: one number for all channels, or a sequence (or 1-d tensor) with one number per channel.
-        like: the tensor the drift will be added to, ``(B, C, *spatial)``, 2D or 3D.
-
-    Returns:
-        the drift tensor.
-
-    Raises:
-        ValueError: when ``drift`` is not a number or a sequence of numbers, is not finite, or has a
-            length other than ``like``'s channel count; when ``like`` is not a ``(B, C, ...)`` tensor.
+        ValueError: when ``value`` is none of those.
 
     Example::
 
+        drift = Drift([0.1, -0.2, 0.0])
         noise = torch.randn(4, 3, 16, 16)
-        drifted = noise + drift_tensor([0.1, -0.2, 0.0], noise)  # per-channel mean shift
+        drifted = noise + drift.tensor(noise)  # per-channel mean shift
+        state = {"drift": drift.tolist()}  # [0.1, -0.2, 0.0]
     """
-    values = check_drift(drift)
-    if not isinstance(like, torch.Tensor) or like.ndim < 2:
-        shape = tuple(like.shape) if isinstance(like, torch.Tensor) else type(like).__name__
-        raise ValueError(f"`like` must be a (B, C, *spatial) tensor, got {shape}.")
-    shape = [1] * like.ndim
-    if isinstance(values, tuple):
-        if len(values) != like.shape[1]:
+
+    __slots__ = ("values", "per_channel")
+
+    def __init__(self, value: DriftLike = 0.0, name: str = "drift") -> None:
+        if isinstance(value, Drift):
+            self.values, self.per_channel = value.values, value.per_channel
+            return
+        raw = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value  # 0-d gives a number
+        if _is_number(raw):
+            values, per_channel = (float(raw),), False
+        elif isinstance(raw, Sequence) and not isinstance(raw, (str, bytes)) and raw and all(map(_is_number, raw)):
+            values, per_channel = tuple(float(v) for v in raw), True
+        else:
             raise ValueError(
-                f"`drift` must have one value per channel ({like.shape[1]}) or be a single number, got "
-                f"{len(values)} values for a tensor of shape {tuple(like.shape)}."
+                f"`{name}` must be a number or a non-empty sequence of numbers (one per channel), got {value!r}."
             )
-        shape[1] = len(values)
-    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
-    return torch.tensor(values, dtype=dtype, device=like.device).reshape(shape)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"`{name}` must be finite, got {value!r}.")
+        self.values: tuple[float, ...] = values
+        self.per_channel: bool = per_channel
+
+    @property
+    def is_zero(self) -> bool:
+        """Whether δ is 0 in every channel (MONAI's diffusion, unchanged)."""
+        return not any(self.values)
+
+    def tolist(self) -> float | list[float]:
+        """The plain form for checkpoints, configs and JSON: a float, or a list with one float per channel."""
+        return list(self.values) if self.per_channel else self.values[0]
+
+    def check_channels(self, channels: int, name: str = "drift", channel: str = "channel") -> None:
+        """Raise a ``ValueError`` naming ``name`` unless δ is one number or has ``channels`` values (one per
+        ``channel``, e.g. ``"latent channel"``)."""
+        if self.per_channel and len(self.values) != channels:
+            raise ValueError(
+                f"`{name}` must be one number or one value per {channel} ({channels}), got {len(self.values)} "
+                f"values {list(self.values)}."
+            )
+
+    def tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """δ as a tensor that broadcasts over ``like`` ``(B, C, *spatial)``: shape ``(1, 1, 1, ...)`` for one
+        number, ``(1, C, 1, ...)`` for one value per channel, with ``like``'s dtype and device.
+
+        Raises:
+            ValueError: when a per-channel δ does not have one value per channel of ``like``.
+        """
+        self.check_channels(like.shape[1])
+        shape = [1] * like.ndim
+        shape[1] = len(self.values)
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        return torch.tensor(self.values, dtype=dtype, device=like.device).reshape(shape)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Drift):
+            return NotImplemented
+        return (self.values, self.per_channel) == (other.values, other.per_channel)
+
+    def __hash__(self) -> int:
+        return hash((self.values, self.per_channel))
+
+    def __repr__(self) -> str:
+        return f"Drift({self.tolist()!r})"
 
 
 class DriftHook(SamplingHook):
@@ -123,7 +141,7 @@ class DriftHook(SamplingHook):
     ``TextGuidedLatentDiffusionInferer.sample``, ``CounterfactualInferer``).
 
     Args:
-        drift: one number for all channels, or one number per channel of the sample.
+        drift: a :class:`Drift`, or one number for all channels, or one number per channel of the sample.
 
     Raises:
         ValueError: when ``drift`` is not a finite number or sequence of numbers (at construction), or does not
@@ -134,12 +152,17 @@ class DriftHook(SamplingHook):
         latent = denoise(unet, scheduler, torch.randn(4, 3, 16, 16) + 0.1, hooks=[DriftHook(0.1)])
     """
 
-    def __init__(self, drift: float | Sequence[float] | torch.Tensor) -> None:
-        self.drift = check_drift(drift)
+    def __init__(self, drift: DriftLike) -> None:
+        self.drift = Drift(drift)
+        self._tensors: dict[tuple, torch.Tensor] = {}
 
     def after_step(self, state: SamplingState) -> None:
+        sample = state.sample
+        key = (sample.ndim, sample.shape[1], sample.dtype, sample.device)
+        if key not in self._tensors:
+            self._tensors[key] = self.drift.tensor(sample)  # built (and checked) once per kind of sample
         # out of place: the scheduler's output may be referenced elsewhere (intermediates, other hooks)
-        state.sample = state.sample + drift_tensor(self.drift, state.sample)
+        state.sample = sample + self._tensors[key]
 
 
 class _Drift:
@@ -161,25 +184,24 @@ class _Drift:
         self.drift_steps = drift_steps
 
     @property
-    def drift(self) -> DriftValues:
-        """δ: a float (all channels) or a tuple of floats (one per channel); settable, e.g. in a grid search."""
+    def drift(self) -> Drift:
+        """δ as a :class:`Drift`; settable from a number, a per-channel sequence or a ``Drift`` (e.g. in a search)."""
         return self._drift
 
     @drift.setter
-    def drift(self, value: float | Sequence[float] | torch.Tensor) -> None:
-        self._drift = check_drift(value)
+    def drift(self, value: DriftLike) -> None:
+        self._drift = Drift(value)
 
     def _is_drifting(self) -> bool:
-        values = self._drift if isinstance(self._drift, tuple) else (self._drift,)
-        return any(value != 0 for value in values) and (self.drift_noise or self.drift_initial or self.drift_steps)
+        return not self._drift.is_zero and (self.drift_noise or self.drift_initial or self.drift_steps)
 
     def forward_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """The forward-process noise ``ε + δ`` (given ε ~ N(0, I), it is ~ N(δ, I)); ``ε`` with ``drift_noise`` off."""
-        return noise + drift_tensor(self._drift, noise) if self.drift_noise else noise
+        return noise + self._drift.tensor(noise) if self.drift_noise else noise
 
     def initial_sample(self, input_noise: torch.Tensor) -> torch.Tensor:
         """The start of the reverse process ``z_T = noise + δ``; ``noise`` with ``drift_initial`` off."""
-        return input_noise + drift_tensor(self._drift, input_noise) if self.drift_initial else input_noise
+        return input_noise + self._drift.tensor(input_noise) if self.drift_initial else input_noise
 
     def sampling_hooks(self, hooks: Sequence[SamplingHook] = ()) -> list[SamplingHook]:
         """The step hooks of sampling: a :class:`DriftHook` (unless ``drift_steps`` is off), then ``hooks``.
@@ -268,7 +290,7 @@ class DriftDiffusionInferer(_Drift, DiffusionInferer):
     def __init__(
         self,
         scheduler: Scheduler,
-        drift: float | Sequence[float] | torch.Tensor = 0.0,
+        drift: DriftLike = 0.0,
         drift_noise: bool = True,
         drift_initial: bool = True,
         drift_steps: bool = True,
@@ -385,7 +407,7 @@ class DriftLatentDiffusionInferer(_Drift, TextGuidedLatentDiffusionInferer):
         self,
         scheduler: Scheduler,
         scale_factor: float = 1.0,
-        drift: float | Sequence[float] | torch.Tensor = 0.0,
+        drift: DriftLike = 0.0,
         drift_noise: bool = True,
         drift_initial: bool = True,
         drift_steps: bool = True,

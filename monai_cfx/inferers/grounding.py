@@ -23,14 +23,17 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
 from monai.transforms import GaussianSmooth
 
-from monai_cfx.networks.schedulers import TIMESTEP_SPACINGS, ddim_invert
+from monai_cfx.networks.schedulers import TIMESTEP_SPACINGS, DDIMInverseScheduler
+from monai_cfx.networks.utils import encode_mean
 from monai_cfx.transforms import OtsuThreshold
 from monai_cfx.utils import check_finite, check_option
 from monai_cfx.visualize import CrossAttentionRecorder
 
-from .counterfactual import _encode_mean
+from .sampling import SamplingHook, SamplingState, _run_loop
 
-__all__ = ["CrossAttentionGroundingInferer"]
+__all__ = ["CaptureWindowHook", "CrossAttentionGroundingInferer"]
+
+DRIVES = ("uncond", "cond")
 
 
 def _with_meta_of(inputs: MetaTensor, result: torch.Tensor) -> MetaTensor:
@@ -40,17 +43,59 @@ def _with_meta_of(inputs: MetaTensor, result: torch.Tensor) -> MetaTensor:
     return output
 
 
+class CaptureWindowHook(SamplingHook):
+    """The step hook of a grounding's inversion: which branch each step runs, and when the recorder records.
+
+    With ``drive="uncond"`` (the reference's) the empty prompt drives the inversion: outside the capture window
+    only that branch runs; inside it the batch ``[uncond, cond]`` runs with guidance weight 0 (the unconditional
+    output drives, the prompt's rows are recorded). With ``drive="cond"`` the prompt drives and is recorded, and
+    only its branch ever runs. The recorder records exactly inside the window.
+
+    Args:
+        captured_steps: indices of the steps inside the capture window.
+        drive: ``"uncond"`` or ``"cond"``.
+        context: the prompt's context, of the sample's batch size.
+        uncond_context: the empty prompt's context, same shape.
+        recorder: the :class:`~monai_cfx.visualize.CrossAttentionRecorder` to switch, or None.
+    """
+
+    def __init__(
+        self,
+        captured_steps: Sequence[int],
+        drive: str,
+        context: torch.Tensor,
+        uncond_context: torch.Tensor,
+        recorder: CrossAttentionRecorder | None = None,
+    ) -> None:
+        self.captured_steps = set(captured_steps)
+        self.drive = check_option("drive", drive, DRIVES)
+        self.context, self.uncond_context = context, uncond_context
+        self.recorder = recorder
+
+    def before_model(self, state: SamplingState) -> None:
+        inside = state.step_index in self.captured_steps
+        if self.recorder is not None:
+            self.recorder.recording = inside
+        if self.drive == "cond":
+            state.context, state.uncond_context = self.context, None
+        elif inside:
+            state.context, state.uncond_context, state.guidance_scale = self.context, self.uncond_context, 0.0
+        else:
+            state.context, state.uncond_context = self.uncond_context, None
+
+
 class CrossAttentionGroundingInferer(Inferer):
     """Heat maps of where phrases of a prompt are in an image, read from the cross-attention of the UNet while
     the image's latent is DDIM-inverted.
 
-    Every inversion step runs the UNet once on the batch ``[uncond, prompt]``; the unconditional branch drives the
-    inversion (``drive="uncond"``, as the reference code; ``"cond"`` drives with the prompt) and the conditional
-    branch is recorded by a :class:`~monai_cfx.visualize.CrossAttentionRecorder` during ``capture_window`` (a
-    fraction range of the inversion, default the middle 20 %) on the selected ``layers``. The UNet evaluates the
-    recorded branch only inside the window and the inversion stops at the window's end, so ``N`` steps with the
-    default window cost ``0.6 N + 0.2 N`` image evaluations instead of the reference's ``2 N``. Each phrase's
-    heat map is the mean over steps and layers of the min-max normalised attention of its tokens (averaged
+    The image's latent is DDIM-inverted on the library's one loop. The unconditional branch drives the inversion
+    (``drive="uncond"``, as the reference code) and the prompt's branch is recorded by a
+    :class:`~monai_cfx.visualize.CrossAttentionRecorder` during ``capture_window`` (a fraction range of the
+    inversion, default the middle 20 %) on the selected ``layers``: a :class:`CaptureWindowHook` runs the prompt's
+    branch (batched with the driving one) only inside the window, and the inversion stops at the window's end, so
+    ``N`` steps with the default window cost ``0.6 N + 0.2 N`` image evaluations instead of the reference's
+    ``2 N``. With ``drive="cond"`` the prompt drives and is recorded, and only its branch runs (``0.6 N``). Each
+    phrase's heat map is the mean over steps and layers of the min-max normalised attention of its tokens (averaged
     first), resized to the image, smoothed (``sigma`` pixels), min-max normalised and masked by Otsu's threshold.
     The inversion does not depend on the phrases, so any number of phrases of one prompt cost one inversion.
 
@@ -97,7 +142,7 @@ class CrossAttentionGroundingInferer(Inferer):
         self.num_inference_steps = num_inference_steps
         self.capture_window = window
         self.layers = layers
-        self.drive = check_option("drive", drive, ("uncond", "cond"))
+        self.drive = check_option("drive", drive, DRIVES)
         self.sigma = float(sigma)
         self.otsu = otsu
         self.timestep_spacing = check_option("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
@@ -115,10 +160,10 @@ class CrossAttentionGroundingInferer(Inferer):
     ) -> CrossAttentionRecorder:
         """The recorder of one grounding (not yet entered): the selected layers, one token group per phrase (its
         tokens are averaged before each map is normalised, as the reference does), and the prompt branch's rows
-        of the ``[uncond, cond]`` batch that :meth:`invert` runs."""
-        return CrossAttentionRecorder(
-            diffusion_model, self.layers, token_indices=token_indices, batch_indices=range(batch_size, 2 * batch_size)
-        )
+        of the batch that :meth:`invert` runs inside the capture window (``[uncond, cond]`` when the unconditional
+        branch drives, the prompt alone otherwise)."""
+        rows = range(batch_size, 2 * batch_size) if self.drive == "uncond" else range(batch_size)
+        return CrossAttentionRecorder(diffusion_model, self.layers, token_indices=token_indices, batch_indices=rows)
 
     def invert(
         self,
@@ -128,48 +173,31 @@ class CrossAttentionGroundingInferer(Inferer):
         uncond_conditioning: torch.Tensor,
         recorder: CrossAttentionRecorder | None = None,
     ) -> torch.Tensor:
-        """The UNet passes of one grounding: DDIM inversion of ``latent`` up to the end of the capture window, the
-        driving branch alone outside the window and both branches inside it, where ``recorder`` (entered by the
-        caller) records. Without a recorder the same passes run with no hook (the benchmarks' baseline).
+        """The UNet passes of one grounding: DDIM inversion of ``latent`` on the library's one loop up to the end of
+        the capture window, with a :class:`CaptureWindowHook` that runs the prompt's branch only inside the window,
+        where ``recorder`` (entered by the caller) records. Without a recorder the same passes run with no
+        attention hook (the benchmarks' baseline).
 
         Returns:
             the latent at the end of the capture window.
         """
         batch_size = latent.shape[0]
-        captured = set(self.captured_steps())
-        drive_half = 0 if self.drive == "uncond" else 1
-        inside = {"window": 0 in captured}
-
-        def model(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: object) -> torch.Tensor:
-            # outside the capture window only the driving branch matters: evaluate it once and use it for both
-            # halves, which guidance weight 0 (uncond) or 1 (cond) turns back into exactly that branch's output
-            if inside["window"]:
-                return diffusion_model(x, timesteps, context=context, **kwargs)
-            half = slice(drive_half * batch_size, (drive_half + 1) * batch_size)
-            return diffusion_model(x[half], timesteps[half], context=context[half], **kwargs).repeat(
-                2, *[1] * (x.ndim - 1)
-            )
-
-        def next_step(step_index: int, *_: object) -> None:
-            inside["window"] = step_index + 1 in captured
-            if recorder is not None:
-                recorder.recording = inside["window"]
-
-        if recorder is not None:
-            recorder.recording = inside["window"]
+        inverse = DDIMInverseScheduler(self.scheduler)
+        inverse.set_timesteps(self.num_inference_steps, self.timestep_spacing)
+        captured = self.captured_steps()
         # the steps after the window do not change the maps: stop the inversion at its end
-        return ddim_invert(  # type: ignore[return-value]
-            model,
-            self.scheduler,
+        timesteps = inverse.timesteps[: captured[-1] + 1]
+        context = conditioning.expand(batch_size, *conditioning.shape[1:])
+        uncond_context = uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:])
+        window = CaptureWindowHook(captured, self.drive, context, uncond_context, recorder)
+        return _run_loop(
+            diffusion_model,
+            inverse,
             latent,
-            self.num_inference_steps,
-            context=conditioning.expand(batch_size, *conditioning.shape[1:]),
-            uncond_context=uncond_conditioning.expand(batch_size, *uncond_conditioning.shape[1:]),
-            guidance_scale=0.0 if self.drive == "uncond" else 1.0,
-            end_fraction=(max(captured) + 1) / self.num_inference_steps,
-            callback=next_step,
-            verbose=self.verbose,
-            timestep_spacing=self.timestep_spacing,
+            timesteps,
+            context=context,
+            hooks=[window],
+            progress_description="grounding inversion" if self.verbose else None,
         )
 
     def __call__(  # type: ignore[override]
@@ -207,7 +235,7 @@ class CrossAttentionGroundingInferer(Inferer):
         with torch.no_grad():
             # plain tensors inside: MetaTensor meta would follow the maps through batch indexing and smoothing
             images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-            latent = _encode_mean(autoencoder_model, images) * self.scale_factor
+            latent = encode_mean(autoencoder_model, images) * self.scale_factor
             with recorder:
                 self.invert(latent, diffusion_model, conditioning, uncond_conditioning, recorder)
             phrase_maps = recorder.maps()  # (B, P, *latent)

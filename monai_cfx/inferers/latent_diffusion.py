@@ -12,16 +12,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.data import decollate_batch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import Scheduler
 
-from .sampling import SamplingHook, denoise
+from .sampling import SamplingHook, denoise, seeded_noise
 
-__all__ = ["TextGuidedLatentDiffusionInferer"]
+__all__ = ["TextGuidedLatentDiffusionInferer", "sample_prompts"]
 
 
 class TextGuidedLatentDiffusionInferer(LatentDiffusionInferer):
@@ -73,3 +74,53 @@ class TextGuidedLatentDiffusionInferer(LatentDiffusionInferer):
         if self.autoencoder_latent_shape is not None:
             latent = torch.stack([self.autoencoder_resizer(i) for i in decollate_batch(latent)], 0)
         return autoencoder_model.decode_stage_2_outputs(latent / self.scale_factor)
+
+
+@torch.no_grad()
+def sample_prompts(
+    sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    text_encoder: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """One sample per prompt, in batches: item ``i`` starts from :func:`~monai_cfx.inferers.seeded_noise` of
+    ``seeds[i]`` (so it does not depend on the batch it falls in) and is conditioned on ``prompts[i]`` against the
+    empty prompt. The batched sampling of the library's generators (images, Latent Drifting samples, DreamBooth's
+    prior latents); what a batch becomes is ``sample``'s choice.
+
+    Args:
+        sample: ``sample(noise, context, uncond_context)`` for one batch, e.g. a ``TextGuidedLatentDiffusionInferer``'s
+            ``sample`` (images) or :func:`~monai_cfx.inferers.denoise` (latents), with its guidance and hooks bound.
+        text_encoder: a :class:`~monai_cfx.networks.nets.TextEncoder` (``text_encoder(prompts)``, ``null_context(n)``).
+        prompts: one prompt per sample.
+        seeds: one noise seed per sample.
+        latent_shape: ``(C, *spatial)`` of the initial noise.
+        batch_size: samples per call of ``sample``.
+        device: where the noise and the contexts go.
+
+    Returns:
+        ``(len(prompts), ...)``: the batches' results, concatenated on the CPU.
+
+    Example::
+
+        images = sample_prompts(
+            lambda noise, text, empty: inferer.sample(noise, autoencoder, unet, conditioning=text,
+                                                      uncond_conditioning=empty, guidance_scale=3.0, verbose=False),
+            text_encoder, prompts, seeds=range(len(prompts)), latent_shape=(3, 16, 16))
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r}.")
+    seeds = list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"`seeds` must have one entry per prompt ({len(prompts)}), got {len(seeds)}.")
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        noise = seeded_noise(latent_shape, seeds[start : start + batch_size], device=device)
+        context = text_encoder(batch).to(device)
+        uncond_context = text_encoder.null_context(len(batch)).to(device)
+        results.append(sample(noise, context, uncond_context).cpu())
+    return torch.cat(results)

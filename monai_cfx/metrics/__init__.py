@@ -8,18 +8,27 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Metrics that MONAI does not have: KID, counterfactual validity, proximity and localisation, and the
-phrase-grounding measures (mIoU over thresholds, binned AUROC, CNR)."""
+"""Metrics MONAI lacks: KID, distribution distances, latent shift, counterfactual and phrase-grounding measures."""
 
 from __future__ import annotations
 
 from .counterfactual import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
+from .distribution import (
+    KID_NUM_SUBSETS,
+    KID_SUBSET_SIZE,
+    distribution_distances,
+    monte_carlo_l1,
+    oracle_predict,
+)
 from .feature_distance import KIDMetric, compute_kid
 from .grounding import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
+from .latent import latent_shift
 
 __all__ = [
     "GroundingMetric",
     "KIDMetric",
+    "KID_NUM_SUBSETS",
+    "KID_SUBSET_SIZE",
     "compute_binned_auroc",
     "compute_cnr",
     "compute_counterfactual_validity",
@@ -27,4 +36,8 @@ __all__ = [
     "compute_localization_auroc",
     "compute_masked_l1",
     "compute_miou",
+    "distribution_distances",
+    "latent_shift",
+    "monte_carlo_l1",
+    "oracle_predict",
 ]

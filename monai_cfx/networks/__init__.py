@@ -8,9 +8,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
+"""Networks (text encoder, finding classifier), diffusion schedulers, and helpers that inspect built networks."""
 
 from __future__ import annotations
 
-from .utils import set_flash_attention
+from .utils import downsampling_factor, encode_mean, set_flash_attention, spatial_dims_of
 
-__all__ = ["set_flash_attention"]
+__all__ = ["downsampling_factor", "encode_mean", "set_flash_attention", "spatial_dims_of"]

@@ -8,13 +8,14 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Helpers that adjust built MONAI networks."""
+"""Helpers that inspect and adjust built MONAI networks: spatial dimensionality, down-sampling factor, the
+deterministic latent of an autoencoder, the fused attention switch."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["set_flash_attention"]
+__all__ = ["downsampling_factor", "encode_mean", "set_flash_attention", "spatial_dims_of"]
 
 
 def set_flash_attention(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
@@ -43,3 +44,44 @@ def set_flash_attention(network: torch.nn.Module, enabled: bool = True) -> torch
         if not explicit_only:
             module.use_flash_attention = bool(enabled)
     return network
+
+
+def spatial_dims_of(network: torch.nn.Module) -> int | None:
+    """Spatial dimensionality of a convolutional network, read from its first convolution (None without one).
+
+    Example::
+
+        spatial_dims_of(DiffusionModelUNet(spatial_dims=3, ...))  # 3
+    """
+    for module in network.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return module.weight.ndim - 2
+    return None
+
+
+def downsampling_factor(network: torch.nn.Module) -> int:
+    """Total down-sampling of MONAI's AutoencoderKL / VQVAE encoder or DiffusionModelUNet (1 if unknown).
+
+    Example::
+
+        downsampling_factor(autoencoder) * downsampling_factor(unet)  # what an input size must be divisible by
+    """
+    encoder = getattr(network, "encoder", None)
+    if encoder is not None and hasattr(encoder, "channels"):
+        return 2 ** (len(encoder.channels) - 1)
+    if hasattr(network, "block_out_channels"):
+        return 2 ** (len(network.block_out_channels) - 1)
+    return 1
+
+
+def encode_mean(autoencoder_model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The posterior mean of an AutoencoderKL (deterministic), else the model's stage-2 encoding.
+
+    Example::
+
+        latent = encode_mean(autoencoder, images) * scale_factor
+    """
+    encode = getattr(autoencoder_model, "encode", None)
+    if encode is not None and hasattr(autoencoder_model, "sampling"):
+        return encode(images)[0]
+    return autoencoder_model.encode_stage_2_inputs(images)

@@ -8,6 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
+"""MONAI transforms: difference maps, Otsu thresholds, phrase tokens and box masks, cached latents."""
 
 from .difference import (
     DifferenceMap,

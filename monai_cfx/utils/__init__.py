@@ -8,21 +8,25 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
+"""Shared helpers: argument checks, atomic output writers (JSON, metrics, NIfTI, PNG, figures), checkpoints."""
 
 from __future__ import annotations
 
 from .checkpoint import load_weights
-from .io import atomic_path, check_writable, save_figure, write_json, write_nifti, write_png
-from .validation import check_finite, check_option
+from .io import atomic_path, check_writable, save_figure, write_json, write_metrics, write_nifti, write_png
+from .validation import check_finite, check_image_pair, check_images, check_option
 
 __all__ = [
     "atomic_path",
     "check_finite",
+    "check_image_pair",
+    "check_images",
     "check_option",
     "check_writable",
     "load_weights",
     "save_figure",
     "write_json",
+    "write_metrics",
     "write_nifti",
     "write_png",
 ]

@@ -13,16 +13,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "check_writable", "write_json", "write_nifti", "write_png"]
+__all__ = ["atomic_path", "check_writable", "save_figure", "write_json", "write_metrics", "write_nifti", "write_png"]
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -97,6 +98,29 @@ def write_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, inden
     """Write ``obj`` as JSON atomically."""
     text = json.dumps(obj, indent=indent)
     return _write_with(path, lambda tmp: tmp.write_text(text + "\n"), overwrite)
+
+
+def write_metrics(
+    metrics: Mapping[str, Any],
+    path: str | os.PathLike,
+    settings: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write an evaluator's ``state.metrics`` (scalars; per-image lists under ``per_image``) with the run's
+    settings as JSON, atomically; returns what was written. NaN (an undefined mean) is written as null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    record = {"settings": dict(settings or {}), **{k: clean(v) for k, v in metrics.items()}}
+    write_json(record, path, overwrite=overwrite)
+    return record
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -8,11 +8,31 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""What a diffusion model attends to: cross-attention recording, and the heat-map drawing of the outputs."""
+"""Cross-attention recording and every figure: phantoms, samples, counterfactuals, heat maps, drift searches."""
 
 from __future__ import annotations
 
 from .attention import CrossAttentionRecorder, cross_attention_layers
-from .figures import draw_heatmap
+from .drifting import middle_slice, plot_drift_samples, plot_drift_search
+from .figures import (
+    draw_heatmap,
+    plot_brain_phantoms,
+    plot_chest_phantoms,
+    plot_counterfactual_rows,
+    plot_grounding_panels,
+    plot_sample_grid,
+)
 
-__all__ = ["CrossAttentionRecorder", "cross_attention_layers", "draw_heatmap"]
+__all__ = [
+    "CrossAttentionRecorder",
+    "cross_attention_layers",
+    "draw_heatmap",
+    "middle_slice",
+    "plot_brain_phantoms",
+    "plot_chest_phantoms",
+    "plot_counterfactual_rows",
+    "plot_drift_samples",
+    "plot_drift_search",
+    "plot_grounding_panels",
+    "plot_sample_grid",
+]

@@ -13,11 +13,11 @@ from monai_cfx.apps.generation import (
     evaluate_generator,
     evaluate_oracle,
     finding_prompts,
-    oracle_predict,
     save_generated,
     stack_items,
 )
 from monai_cfx.data import CHEST_FINDINGS, phantom_affine
+from monai_cfx.metrics import oracle_predict
 
 LABELS = list(CHEST_FINDINGS)
 

@@ -3,51 +3,29 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import unittest
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle, verify_metadata
+from tests.helpers import BUNDLES, ShippedWeightsCase, check_ok, verify_metadata
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "counterfactual"
+BUNDLE = BUNDLES / "counterfactual"
 FAST = ["--num_inference_steps", "10", "--batch_size", "4"]
 
 
-def run(configs, *overrides):
-    return run_bundle(configs, *overrides, bundle=BUNDLE)
+class CounterfactualCase(ShippedWeightsCase):
+    bundle = BUNDLE
 
 
-class ShippedWeightsCase(unittest.TestCase):
-    """A bundle that runs on the latent diffusion bundle's shipped weights, on phantoms of its own (in a temporary
-    folder, ``num_subjects`` of them), with ``configs_3d`` merged for the 3D variant."""
-
-    configs_3d: list[str] = []
-    image_size, kind, num_subjects = 64, "chest", 60
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        # seeds from 5000 on: the shipped weights were trained on seeds below 2000, so every split here is unseen
-        subjects = str(cls.num_subjects)
-        cls.common = ["--dataset_dir", str(cls.tmp / "data"), "--num_subjects", subjects, "--seed", "5000"]
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    def configs(self, *names):
-        return [f"configs/{name}.json" for name in names] + self.configs_3d
-
-
-class TestCounterfactualBundle2D(ShippedWeightsCase):
+class TestCounterfactualBundle2D(CounterfactualCase):
     def test_inference_outputs_and_no_overwrite(self):
         out = self.tmp / "inference"
         check_ok(
-            self, run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+            self,
+            self.run_configs(
+                self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out)
+            ),
         )
         records = json.loads((out / "counterfactuals.json").read_text())
         self.assertEqual(len(records), 3)
@@ -60,7 +38,9 @@ class TestCounterfactualBundle2D(ShippedWeightsCase):
         if self.kind == "chest":
             self.assertTrue((out / records[0]["panel"]).is_file())
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-        again = run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        again = self.run_configs(
+            self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out)
+        )
         self.assertNotEqual(again.returncode, 0)
         self.assertIn("exists", again.stdout + again.stderr)
         self.assertEqual(before, {p.name: p.stat().st_mtime_ns for p in out.iterdir()})
@@ -70,7 +50,7 @@ class TestCounterfactualBundle2D(ShippedWeightsCase):
             out = self.tmp / name
             configs = ["configs/evaluate.json", *extra, *self.configs_3d]
             overrides = ["--num_items", "3", "--data_list_key", "training", "--output_dir", str(out)]
-            check_ok(self, run(configs, *self.common, *FAST, *overrides))
+            check_ok(self, self.run_configs(configs, *self.common, *FAST, *overrides))
             metrics = json.loads((out / "metrics.json").read_text())
             self.assertEqual(metrics["settings"]["direction"], "remove" if name == "evaluate" else "induce")
             self.assertEqual(metrics["settings"]["num_items"], 3)
@@ -86,12 +66,12 @@ class TestCounterfactualBundle3D(TestCounterfactualBundle2D):
     image_size, kind = 32, "brain"
 
 
-class TestTrainedCounterfactual(ShippedWeightsCase):
+class TestTrainedCounterfactual(CounterfactualCase):
     def test_removes_the_finding_and_keeps_the_rest(self):
         """The shipped 2D model, at the bundle's settings, on abnormal phantoms it was not trained on."""
         out = self.tmp / "trained"
         overrides = ["--num_items", "12", "--data_list_key", "training", "--output_dir", str(out)]
-        check_ok(self, run(self.configs("evaluate"), *self.common, *overrides))
+        check_ok(self, self.run_configs(self.configs("evaluate"), *self.common, *overrides))
         metrics = json.loads((out / "metrics.json").read_text())
         self.assertGreaterEqual(metrics["validity"], 0.8)
         self.assertGreaterEqual(metrics["localization_auroc"], 0.9)
@@ -100,37 +80,22 @@ class TestTrainedCounterfactual(ShippedWeightsCase):
         self.assertLess(metrics["twin_l1_inside"], 0.5 * metrics["l1_inside"])
 
 
-class TestUserDatalistAndBadInput(ShippedWeightsCase):
+class TestUserDatalistAndBadInput(CounterfactualCase):
     def test_own_datalist_with_prompts_and_no_masks(self):
-        data = self.tmp / "data"
-        check_ok(
-            self,
-            run(
-                self.configs("inference"),
-                *self.common,
-                *FAST,
-                "--num_items",
-                "1",
-                "--output_dir",
-                str(self.tmp / "first"),
-            ),
-        )
-        phantoms = json.loads((data / "datalist.json").read_text())["testing"]
+        phantoms, datalist, overrides = self.own_datalist(*FAST)
         own = {"testing": [
             {"image": phantoms[0]["image"], "prompt": "Chest radiograph with cardiomegaly."},
             {"image": phantoms[1]["image"]},
         ]}  # fmt: skip
-        datalist = self.tmp / "own.json"
         datalist.write_text(json.dumps(own))
         out = self.tmp / "own"
-        overrides = ["--datalist", str(datalist), "--dataset_dir", str(data), "--output_dir", str(out)]
-        check_ok(self, run(self.configs("inference"), *FAST, *overrides))
+        check_ok(self, self.run_configs(self.configs("inference"), *FAST, *overrides))
         records = json.loads((out / "counterfactuals.json").read_text())
         self.assertEqual(
             [r["prompt"] for r in records], ["Chest radiograph with cardiomegaly.", "Normal chest radiograph."]
         )
 
-        bad = run(
+        bad = self.run_configs(
             self.configs("inference"),
             *FAST,
             *overrides[:4],
@@ -146,7 +111,9 @@ class TestUserDatalistAndBadInput(ShippedWeightsCase):
         volume = self.tmp / "volume.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), volume)
         datalist.write_text(json.dumps({"testing": [{"image": str(volume)}]}))
-        wrong = run(self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "wrong"))
+        wrong = self.run_configs(
+            self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "wrong")
+        )
         self.assertNotEqual(wrong.returncode, 0)
         self.assertIn("3 spatial dimensions", wrong.stdout + wrong.stderr)
         self.assertFalse(list((self.tmp / "wrong").glob("*.nii.gz")) if (self.tmp / "wrong").exists() else [])

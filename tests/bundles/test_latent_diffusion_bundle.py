@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import unittest
@@ -17,24 +15,11 @@ import numpy as np
 import torch
 
 from monai_cfx.data import phantom_affine
+from tests.helpers import LATENT_DIFFUSION_BUNDLE, check_ok, run_bundle, verify_metadata
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "latent_diffusion"
-SCHEMA = BUNDLE.parent / "schemas" / "meta_schema_text_to_image_ldm.json"
+BUNDLE = LATENT_DIFFUSION_BUNDLE
 TINY = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "2", "--log_every", "1"]
 TINY_SAMPLING = ["--num_inference_steps", "2", "--sample_batch_size", "4"]
-
-
-def run_bundle(configs, *overrides, launcher=(), bundle=BUNDLE) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` from the bundle folder (the latent diffusion one by default)."""
-    config_file = configs[0] if len(configs) == 1 else str(list(configs))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", config_file]
-    cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", *overrides]
-    return subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
-
-
-def check_ok(test: unittest.TestCase, result: subprocess.CompletedProcess) -> None:
-    test.assertEqual(result.returncode, 0, msg=f"{result.args}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 class BundleCase(unittest.TestCase):
@@ -212,13 +197,6 @@ class TestMultiProcessTraining(BundleCase):
         self.assertEqual(log.count("Epoch: 1/1, Iter: 2/2"), 2, log[-3000:])
         self.assertEqual(log.count("saved final checkpoint"), 1, log[-3000:])
         self.assertTrue((self.tmp / "models" / "diffusion_2d.pt").is_file())
-
-
-def verify_metadata(meta_file, bundle=BUNDLE) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle verify_metadata`` against the bundles' schema, offline, from the bundle folder."""
-    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*cmd, "--filepath", str(SCHEMA)], cwd=bundle, env=env, capture_output=True, text=True)
 
 
 class TestMetadata(unittest.TestCase):

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from monai_cfx.data import phantom_affine
-from tests.bundles.test_counterfactual_bundle import ShippedWeightsCase
-from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle, verify_metadata
+from tests.helpers import BUNDLES, ShippedWeightsCase, check_ok, verify_metadata
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "latent_drifting"
+BUNDLE = BUNDLES / "latent_drifting"
 FAST = ["--num_inference_steps", "3"]
 TINY_TRAINING = ["--max_epochs", "1", "--batch_size", "2"]
 
 
-def run(configs, *overrides):
-    return run_bundle(configs, *overrides, bundle=BUNDLE)
-
-
 class DriftingCase(ShippedWeightsCase):
+    bundle = BUNDLE
     image_size = 64
 
     @classmethod
@@ -38,7 +33,7 @@ class DriftingCase(ShippedWeightsCase):
 
     def finetune(self, mode, *overrides):
         path = self.tmp / f"{mode}.pt"
-        result = run(
+        result = self.run_configs(
             self.configs("finetune"), *self.common, *TINY_TRAINING, "--mode", mode, "--finetuned_path", str(path),
             *overrides,
         )  # fmt: skip
@@ -57,13 +52,13 @@ class TestLatentDriftingBundle2D(DriftingCase):
 
         out = self.tmp / "inference"
         args = [*self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)]
-        check_ok(self, run(self.configs("inference"), *args))
+        check_ok(self, self.run_configs(self.configs("inference"), *args))
         records = json.loads((out / "prompts.json").read_text())
         self.assertTrue(records and all(r["prompt"].startswith("<target-domain> ") for r in records))
         image = nib.load(out / records[0]["image"])
         np.testing.assert_allclose(image.affine, phantom_affine(self.kind, self.image_size))
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        again = run(self.configs("inference"), *args)
+        again = self.run_configs(self.configs("inference"), *args)
         self.assertNotEqual(again.returncode, 0)
         self.assertIn("exists", again.stderr + again.stdout)
         self.assertEqual({p.name: p.read_bytes() for p in out.iterdir()}, before)
@@ -74,7 +69,9 @@ class TestLatentDriftingBundle2D(DriftingCase):
         out = self.tmp / "evaluate"
         check_ok(
             self,
-            run(self.configs("evaluate"), *self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)),
+            self.run_configs(
+                self.configs("evaluate"), *self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)
+            ),
         )
         metrics = json.loads((out / "metrics.json").read_text())
         self.assertEqual((metrics["mode"], metrics["drift"]), ("dreambooth", 0.0))
@@ -86,7 +83,10 @@ class TestLatentDriftingBundle2D(DriftingCase):
     def test_drift_search(self):
         out = self.tmp / "search"
         overrides = ["--drift_low", "-0.1", "--drift_high", "0.1", "--drift_num", "3", "--num_samples", "4"]
-        check_ok(self, run(self.configs("drift_search"), *self.common, *FAST, *overrides, "--output_dir", str(out)))
+        check_ok(
+            self,
+            self.run_configs(self.configs("drift_search"), *self.common, *FAST, *overrides, "--output_dir", str(out)),
+        )
         result = json.loads((out / "drift_search.json").read_text())
         self.assertEqual([row["drift"] for row in result["rows"]], [-0.1, 0.0, 0.1])
         self.assertEqual(result["best_drift"], min(result["rows"], key=lambda row: row["l1"])["drift"])
@@ -98,16 +98,18 @@ class TestLatentDriftingBundle2D(DriftingCase):
         cases = [
             (["--mode", "lora"], "`mode` must be one of"),
             (["--mode", "dreambooth", "--token", "$None"], "needs `token`"),
-            (["--drift", "[0.1, 0.2]"], "one per latent channel"),
+            (["--drift", "[0.1, 0.2]"], "one value per latent channel"),
         ]
         for overrides, message in cases:
             path = self.tmp / "bad.pt"
-            result = run(self.configs("finetune"), *self.common, *TINY_TRAINING, "--finetuned_path", str(path),
-                         *overrides)  # fmt: skip
+            finetune = [*self.common, *TINY_TRAINING, "--finetuned_path", str(path), *overrides]
+            result = self.run_configs(self.configs("finetune"), *finetune)
             self.assertNotEqual(result.returncode, 0, overrides)
             self.assertIn(message, result.stderr + result.stdout)
             self.assertFalse(path.exists())
-        missing = run(self.configs("inference"), *self.common, "--finetuned_path", str(self.tmp / "none.pt"))
+        missing = self.run_configs(
+            self.configs("inference"), *self.common, "--finetuned_path", str(self.tmp / "none.pt")
+        )
         self.assertIn("run the bundle's finetune.json first", missing.stderr + missing.stdout)
 
     def test_metadata(self):
@@ -128,7 +130,7 @@ class TestLatentDriftingBundle3D(DriftingCase):
         self.assertTrue(all(70 <= age <= 90 for age in ages))
         out = self.tmp / "inference"
         args = [*self.common, *FAST, "--finetuned_path", str(path), "--output_dir", str(out)]
-        check_ok(self, run(self.configs("inference"), *args))
+        check_ok(self, self.run_configs(self.configs("inference"), *args))
         records = json.loads((out / "prompts.json").read_text())
         image = nib.load(out / records[0]["image"])
         self.assertEqual(image.shape[:3], (32, 32, 32))

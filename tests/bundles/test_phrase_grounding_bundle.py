@@ -5,30 +5,30 @@ from __future__ import annotations
 
 import json
 import unittest
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from tests.bundles.test_counterfactual_bundle import ShippedWeightsCase
-from tests.bundles.test_latent_diffusion_bundle import check_ok, run_bundle, verify_metadata
-from tests.networks.nets.test_text_encoder import save_tiny_sd_text_encoder
-from tests.utils.test_checkpoint import legacy_keys
+from tests.helpers import (
+    BUNDLES,
+    ShippedWeightsCase,
+    check_ok,
+    legacy_keys,
+    save_tiny_sd_text_encoder,
+    verify_metadata,
+)
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "phrase_grounding"
+BUNDLE = BUNDLES / "phrase_grounding"
 FAST = ["--num_inference_steps", "10"]
 # the shipped 2D model on these 24 unseen phantoms: macro AUROC 0.928, CNR 1.67, every class's AUROC >= 0.81 (the
 # UNet without 16x16 cross-attention: 0.86 and 1.29 on the test split); the bounds leave room for other arithmetic
 MIN_MACRO_AUROC, MIN_MACRO_CNR, MIN_CLASS_AUROC = 0.88, 1.4, 0.75
 
 
-def run(configs, *overrides):
-    return run_bundle(configs, *overrides, bundle=BUNDLE)
-
-
 class GroundingCase(ShippedWeightsCase):
+    bundle = BUNDLE
     num_subjects = 100  # enough held-out items with phrases
 
 
@@ -36,7 +36,10 @@ class TestPhraseGroundingBundle2D(GroundingCase):
     def test_inference_evaluate_and_no_overwrite(self):
         out = self.tmp / "inference"
         check_ok(
-            self, run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+            self,
+            self.run_configs(
+                self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out)
+            ),
         )
         records = json.loads((out / "grounding.json").read_text())
         testing = json.loads((self.tmp / "data" / "datalist.json").read_text())["testing"]
@@ -55,7 +58,9 @@ class TestPhraseGroundingBundle2D(GroundingCase):
             self.assertEqual(set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0.0, 1.0}, True)
             self.assertEqual("overlay" in record, self.kind == "chest")
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-        again = run(self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out))
+        again = self.run_configs(
+            self.configs("inference"), *self.common, *FAST, "--num_items", "3", "--output_dir", str(out)
+        )
         self.assertNotEqual(again.returncode, 0)
         self.assertIn("exists", again.stdout + again.stderr)
         self.assertEqual(before, {p.name: p.stat().st_mtime_ns for p in out.iterdir()})
@@ -63,7 +68,9 @@ class TestPhraseGroundingBundle2D(GroundingCase):
         evaluation = self.tmp / "evaluate"
         check_ok(
             self,
-            run(self.configs("evaluate"), *self.common, *FAST, "--num_items", "4", "--output_dir", str(evaluation)),
+            self.run_configs(
+                self.configs("evaluate"), *self.common, *FAST, "--num_items", "4", "--output_dir", str(evaluation)
+            ),
         )
         metrics = json.loads((evaluation / "metrics.json").read_text())
         num_items = min(4, sum(bool(item["phrases"]) for item in testing))
@@ -87,7 +94,7 @@ class TestTrainedGrounding(GroundingCase):
         heat maps rank the pixels of the phrase's box above the rest."""
         out = self.tmp / "trained"
         overrides = ["--num_items", "24", "--data_list_key", "training", "--output_dir", str(out)]
-        check_ok(self, run(self.configs("evaluate"), *self.common, *overrides))
+        check_ok(self, self.run_configs(self.configs("evaluate"), *self.common, *overrides))
         grounding = json.loads((out / "metrics.json").read_text())["grounding"]
         self.assertGreaterEqual(grounding["macro"]["count"], 4)  # all four finding classes were scored
         self.assertGreaterEqual(grounding["macro"]["auroc"], MIN_MACRO_AUROC)
@@ -98,29 +105,14 @@ class TestTrainedGrounding(GroundingCase):
 
 class TestUserDatalistAndBadInput(GroundingCase):
     def test_phrases_without_boxes_and_a_phrase_missing_from_the_prompt(self):
-        data = self.tmp / "data"
-        check_ok(
-            self,
-            run(
-                self.configs("inference"),
-                *self.common,
-                *FAST,
-                "--num_items",
-                "1",
-                "--output_dir",
-                str(self.tmp / "first"),
-            ),
-        )
-        phantoms = json.loads((data / "datalist.json").read_text())["testing"]
+        phantoms, datalist, overrides = self.own_datalist(*FAST)
         own = {"testing": [
             {"image": phantoms[0]["image"], "prompt": "Chest radiograph with cardiomegaly.", "phrase": "cardiomegaly"},
             {"image": phantoms[1]["image"], "phrases": ["small left pleural effusion", "cardiomegaly"]},
         ]}  # fmt: skip
-        datalist = self.tmp / "own.json"
         datalist.write_text(json.dumps(own))
         out = self.tmp / "own"
-        overrides = ["--datalist", str(datalist), "--dataset_dir", str(data), "--output_dir", str(out)]
-        check_ok(self, run(self.configs("inference"), *FAST, *overrides))
+        check_ok(self, self.run_configs(self.configs("inference"), *FAST, *overrides))
         records = json.loads((out / "grounding.json").read_text())
         self.assertEqual(records[0]["phrases"], ["cardiomegaly"])
         # without a prompt the phrases themselves are the prompt
@@ -129,7 +121,7 @@ class TestUserDatalistAndBadInput(GroundingCase):
 
         own["testing"][0]["phrase"] = "pneumothorax"
         datalist.write_text(json.dumps(own))
-        bad = run(self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "bad"))
+        bad = self.run_configs(self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "bad"))
         self.assertNotEqual(bad.returncode, 0)
         self.assertIn("`phrase` 'pneumothorax' does not occur in the prompt", bad.stdout + bad.stderr)
         self.assertFalse((self.tmp / "bad").exists() and list((self.tmp / "bad").iterdir()))
@@ -169,7 +161,7 @@ class TestModelZooCXRReplica(GroundingCase):
             "--diffusion_def#num_head_channels", "[0,16,16]", "--cross_attention_dim", "32",
         ]  # fmt: skip
         out = self.tmp / "cxr_out"
-        result = run(
+        result = self.run_configs(
             ["configs/inference.json", "configs/cxr_ldm.json"], *tiny, *FAST, "--cxr_ldm_dir", str(zoo),
             "--clip_dir", str(clip), "--datalist", str(datalist), "--dataset_dir", str(self.tmp),
             "--output_dir", str(out),
@@ -182,7 +174,7 @@ class TestModelZooCXRReplica(GroundingCase):
         self.assertTrue(np.isfinite(np.asarray(heatmap.dataobj)).all())
 
         # the same checkpoint read without the legacy key mapping is refused with the file's name
-        wrong = run(
+        wrong = self.run_configs(
             ["configs/inference.json", "configs/cxr_ldm.json"], *tiny, *FAST, "--cxr_ldm_dir", str(zoo),
             "--clip_dir", str(clip), "--datalist", str(datalist), "--dataset_dir", str(self.tmp),
             "--output_dir", str(self.tmp / "wrong"), "--legacy_keys", "False",

@@ -11,8 +11,8 @@ from monai.metrics.rocauc import compute_roc_auc
 from parameterized import parameterized
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
-from monai_cfx.apps.generation import oracle_predict
 from monai_cfx.data import PhantomDataset
+from monai_cfx.metrics import oracle_predict
 
 SEEDS = (100, 101, 102, 103)
 # the 2D findings whose prompt fidelity docs/README.md reports at or near the 0.8 goal; the misses

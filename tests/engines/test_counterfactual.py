@@ -6,7 +6,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 
 from monai_cfx.engines import CounterfactualPrepareBatch
-from tests.engines.test_latent_diffusion import FakeTextEncoder, tiny_autoencoder
+from tests.helpers import FakeTextEncoder, tiny_autoencoder
 
 
 class TextEncoderWithNull(FakeTextEncoder):

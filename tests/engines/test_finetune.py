@@ -22,9 +22,7 @@ from monai_cfx.engines import (
 )
 from monai_cfx.inferers import DriftDiffusionInferer
 from monai_cfx.networks.nets import TextEncoder
-from tests.engines.test_latent_diffusion import tiny_autoencoder
-from tests.inferers.test_sampling import tiny_networks
-from tests.networks.nets.test_text_encoder import HIDDEN, save_tiny_bert
+from tests.helpers import HIDDEN, save_tiny_bert, tiny_autoencoder, tiny_networks
 
 _TMP: str | None = None
 BERT_DIR = ""
@@ -218,11 +216,11 @@ class TestFineTuningErrors(unittest.TestCase):
         self.assertEqual(encoder.added_tokens, [])
 
     def test_drift_per_channel(self):
-        with self.assertRaisesRegex(ValueError, r"`drift` must be one number or one per latent channel \(2\)"):
+        with self.assertRaisesRegex(ValueError, r"`drift` must be one number or one value per latent channel \(2\)"):
             FineTuning("full", tiny_unet(), text_encoder(), drift=[0.1, 0.1, 0.1])
         with self.assertRaisesRegex(ValueError, "`drift` must be finite"):
             FineTuning("full", tiny_unet(), text_encoder(), drift=float("nan"))
-        self.assertEqual(FineTuning("full", tiny_unet(), text_encoder(), drift=(0.1, 0.2)).drift, [0.1, 0.2])
+        self.assertEqual(FineTuning("full", tiny_unet(), text_encoder(), drift=(0.1, 0.2)).drift.tolist(), [0.1, 0.2])
 
     def test_custom_diffusion_failure_keeps_the_unet(self):
         unet = tiny_unet(with_conditioning=False)

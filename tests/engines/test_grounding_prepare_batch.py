@@ -5,7 +5,7 @@ import unittest
 import torch
 
 from monai_cfx.engines import GroundingPrepareBatch
-from tests.inferers.test_sampling import tiny_networks
+from tests.helpers import tiny_networks
 
 
 class FakeTextEncoder:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import unittest
 
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
 from monai_cfx.engines import (
@@ -14,31 +14,7 @@ from monai_cfx.engines import (
 )
 from monai_cfx.inferers import DriftDiffusionInferer
 from monai_cfx.transforms import EncodeLatentd
-
-
-class FakeTextEncoder:
-    """Prompt -> context whose every entry is the prompt's length, and a call counter."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, prompts):
-        self.calls += 1
-        return torch.stack([torch.full((3, 4), float(len(p))) for p in prompts])
-
-
-def tiny_autoencoder(spatial_dims: int = 2) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=spatial_dims,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=2,
-        num_res_blocks=1,
-        attention_levels=(False, False),
-        norm_num_groups=4,
-    ).eval()
+from tests.helpers import FakeTextEncoder, tiny_autoencoder
 
 
 class TestAutoencoderKLLoss(unittest.TestCase):

@@ -9,9 +9,9 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMSchedule
 from parameterized import parameterized
 
 from monai_cfx.inferers import CounterfactualInferer, SamplingHook
-from monai_cfx.inferers.counterfactual import _encode_mean
+from monai_cfx.networks import encode_mean
 from monai_cfx.networks.schedulers import ddim_invert
-from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
+from tests.helpers import CONTEXT_DIM, tiny_networks
 
 SCALE = 0.7
 
@@ -70,7 +70,7 @@ class TestCounterfactualInferer(unittest.TestCase):
         # the same context for inversion and sampling: the edit must give the input's latent back
         edit(images, unet, autoencoder, context, context)
         with torch.no_grad():
-            latent = _encode_mean(autoencoder, images) * SCALE
+            latent = encode_mean(autoencoder, images) * SCALE
         error = (spy.latents[-1] - latent).norm() / latent.norm()
         self.assertLess(float(error), 0.01)
 
@@ -91,7 +91,7 @@ class TestCounterfactualInferer(unittest.TestCase):
         torch.testing.assert_close(batch[1:], alone, atol=1e-5, rtol=1e-5)
         # a stronger edit moves further from the input
         with torch.no_grad():
-            reconstruction = autoencoder.decode_stage_2_outputs(_encode_mean(autoencoder, images))
+            reconstruction = autoencoder.decode_stage_2_outputs(encode_mean(autoencoder, images))
         weak = (edit(images, unet, autoencoder, context, seed=0, noise_strength=0.1) - reconstruction).abs().mean()
         strong = (edit(images, unet, autoencoder, context, seed=0, noise_strength=1.0) - reconstruction).abs().mean()
         self.assertLess(float(weak), float(strong))
@@ -108,7 +108,7 @@ class TestCounterfactualInferer(unittest.TestCase):
         context, uncond = torch.randn(2, 3, CONTEXT_DIM), torch.randn(2, 3, CONTEXT_DIM)
         edit(images, unet, autoencoder, context, uncond, region_mask=region, seed=0)
         with torch.no_grad():
-            latent = _encode_mean(autoencoder, images) * SCALE
+            latent = encode_mean(autoencoder, images) * SCALE
         edited = spy.latents[-1]
         outside = torch.ones_like(latent, dtype=torch.bool)
         outside[:, :, 2:4, 2:4] = False
@@ -133,7 +133,7 @@ class TestCounterfactualInferer(unittest.TestCase):
         edit(images, unet, autoencoder, context, uncond, region_mask=region, seed=3, hooks=[Record()])
         scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
         with torch.no_grad():
-            latent = _encode_mean(autoencoder, images) * SCALE
+            latent = encode_mean(autoencoder, images) * SCALE
             if start == "inversion":
                 _, path = ddim_invert(unet, scheduler, latent, 10, context=uncond, end_fraction=0.6,
                                       return_trajectory=True, verbose=False)  # fmt: skip

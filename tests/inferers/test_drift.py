@@ -10,14 +10,14 @@ from parameterized import parameterized
 
 from monai_cfx.inferers import (
     CounterfactualInferer,
+    Drift,
     DriftDiffusionInferer,
     DriftHook,
     DriftLatentDiffusionInferer,
     SamplingHook,
     denoise,
-    drift_tensor,
 )
-from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
+from tests.helpers import CONTEXT_DIM, tiny_networks
 
 SCALE = 0.7
 TRAIN_STEPS = 100
@@ -86,31 +86,46 @@ def training_data(latent_shape, seed: int = 0):
     return inputs, noise, timesteps, context
 
 
-class TestDriftTensor(unittest.TestCase):
+class TestDrift(unittest.TestCase):
     def test_shapes_dtype_and_values(self):
         like = torch.zeros(2, 3, 4, 5, dtype=torch.float64)
-        scalar = drift_tensor(0.5, like)
+        scalar = Drift(0.5).tensor(like)
         self.assertEqual(tuple(scalar.shape), (1, 1, 1, 1))
         self.assertEqual(scalar.dtype, torch.float64)
-        per_channel = drift_tensor([0.1, -0.2, 0.3], like)
+        per_channel = Drift([0.1, -0.2, 0.3]).tensor(like)
         self.assertEqual(tuple(per_channel.shape), (1, 3, 1, 1))
         self.assertTrue(torch.equal((like + per_channel)[1, :, 3, 4], torch.tensor([0.1, -0.2, 0.3], dtype=like.dtype)))
         volume = torch.zeros(1, 2, 3, 3, 3)
-        self.assertEqual(tuple(drift_tensor(torch.tensor([1.0, 2.0]), volume).shape), (1, 2, 1, 1, 1))
-        self.assertEqual(tuple(drift_tensor(torch.tensor(1.0), volume).shape), (1, 1, 1, 1, 1))
+        self.assertEqual(tuple(Drift(torch.tensor([1.0, 2.0])).tensor(volume).shape), (1, 2, 1, 1, 1))
+        self.assertEqual(tuple(Drift(torch.tensor(1.0)).tensor(volume).shape), (1, 1, 1, 1, 1))
+
+    def test_one_value_carried_unchanged(self):
+        drift = Drift((0.1, 0.2))
+        self.assertEqual(drift.tolist(), [0.1, 0.2])  # the checkpoint / JSON form
+        self.assertEqual(Drift(drift.tolist()), drift)  # and back
+        self.assertEqual(Drift(0.25).tolist(), 0.25)
+        self.assertIsInstance(Drift(1).tolist(), float)
+        self.assertNotEqual(Drift(0.1), Drift([0.1]))  # one number for all channels is not a per-channel list
+        self.assertTrue(Drift(0.0).is_zero and Drift([0.0, 0.0]).is_zero and not Drift([0.0, 0.1]).is_zero)
+        self.assertEqual(Drift(drift), drift)
+        inferer = DriftDiffusionInferer(DDIMScheduler(), drift=drift)
+        self.assertEqual(inferer.drift, drift)
+        self.assertEqual(DriftHook(inferer.drift).drift, drift)
 
     def test_bad_drift(self):
         like = torch.zeros(2, 2, 4, 4)
-        with self.assertRaisesRegex(ValueError, r"`drift` must have one value per channel \(2\).*got 3 values"):
-            drift_tensor([0.1, 0.2, 0.3], like)
+        with self.assertRaisesRegex(
+            ValueError, r"`drift` must be one number or one value per channel \(2\).*got 3 values"
+        ):
+            Drift([0.1, 0.2, 0.3]).tensor(like)
         for bad in ("abc", None, [], [0.1, "x"], True, [[0.1, 0.2]], torch.zeros(1, 2)):
             with self.assertRaisesRegex(ValueError, "`drift` must be a number or a non-empty sequence", msg=repr(bad)):
-                drift_tensor(bad, like)
+                Drift(bad)
         for bad in (float("nan"), [0.1, float("inf")]):
             with self.assertRaisesRegex(ValueError, "`drift` must be finite"):
-                drift_tensor(bad, like)
-        with self.assertRaisesRegex(ValueError, "`like`"):
-            drift_tensor(0.1, torch.zeros(4))
+                Drift(bad)
+        with self.assertRaisesRegex(ValueError, "`direction` must be finite"):
+            Drift([0.1, float("nan")], name="direction")
 
 
 class TestDriftHook(unittest.TestCase):
@@ -347,7 +362,7 @@ class TestBadInput(unittest.TestCase):
     def test_drift_of_the_wrong_length(self):
         autoencoder, unet = tiny_networks(2)
         inputs, noise, timesteps, context = training_data((2, 2, 8, 8))
-        message = r"`drift` must have one value per channel \(2\).*got 3 values"
+        message = r"`drift` must be one number or one value per channel \(2\).*got 3 values"
         inferer = DriftDiffusionInferer(scheduler_of(DDIMScheduler), drift=[0.1, 0.2, 0.3])
         with self.assertRaisesRegex(ValueError, message):
             inferer(inputs, unet, noise, timesteps, condition=context)
@@ -377,8 +392,8 @@ class TestBadInput(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "`drift`"):
             inferer.drift = "down"
         inferer.drift = torch.tensor([0.5, 0.25])
-        self.assertEqual(inferer.drift, (0.5, 0.25))  # stored as floats, checked when set
-        self.assertIsInstance(inferer.drift[0], float)
+        self.assertEqual(inferer.drift, Drift([0.5, 0.25]))  # stored as floats, checked when set
+        self.assertIsInstance(inferer.drift.values[0], float)
         with self.assertRaisesRegex(ValueError, "ldm_latent_shape"):  # MONAI's own checks still run
             DriftLatentDiffusionInferer(DDIMScheduler(), ldm_latent_shape=[10, 10])
 

@@ -4,41 +4,11 @@ import unittest
 
 import torch
 from monai.inferers import LatentDiffusionInferer
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from parameterized import parameterized
 
 from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, denoise
-from tests.engines.test_latent_diffusion import tiny_autoencoder
-
-CONTEXT_DIM = 8
-
-
-def tiny_networks(
-    spatial_dims: int, cross_attention_dim: int | None = CONTEXT_DIM
-) -> tuple[AutoencoderKL, DiffusionModelUNet]:
-    """A tiny autoencoder (2 latent channels) and UNet; ``cross_attention_dim=None`` builds one without conditioning."""
-    autoencoder = tiny_autoencoder(spatial_dims)  # seeds 0
-    unet = DiffusionModelUNet(
-        spatial_dims=spatial_dims,
-        in_channels=2,
-        out_channels=2,
-        channels=(8, 8),
-        attention_levels=(False, True),
-        num_res_blocks=1,
-        num_head_channels=8,
-        norm_num_groups=4,
-        with_conditioning=cross_attention_dim is not None,
-        cross_attention_dim=cross_attention_dim,
-    )
-    # an untrained DiffusionModelUNet outputs zeros and ignores its context (zero-initialised output
-    # convolution and attention projections): perturb those so the tests can see conditioning
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.2)
-    return autoencoder, unet.eval()
-
+from tests.helpers import CONTEXT_DIM, tiny_networks
 
 CASES = [
     ["2d_ddpm", 2, DDPMScheduler, (2, 2, 8, 8)],

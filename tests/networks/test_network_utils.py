@@ -4,8 +4,8 @@ import unittest
 
 import torch
 
-from monai_cfx.networks import set_flash_attention
-from tests.inferers.test_sampling import CONTEXT_DIM, tiny_networks
+from monai_cfx.networks import downsampling_factor, encode_mean, set_flash_attention, spatial_dims_of
+from tests.helpers import CONTEXT_DIM, tiny_networks
 
 
 class TestSetFlashAttention(unittest.TestCase):
@@ -24,6 +24,21 @@ class TestSetFlashAttention(unittest.TestCase):
         blocks[0].dropout_rate = 0.1  # the fused call would drop attention even in eval mode: left alone
         set_flash_attention(unet)
         self.assertEqual((blocks[0].use_flash_attention, blocks[1].use_flash_attention), (False, True))
+
+
+class TestIntrospection(unittest.TestCase):
+    def test_spatial_dims_downsampling_and_encode_mean(self):
+        for spatial_dims in (2, 3):
+            autoencoder, unet = tiny_networks(spatial_dims)
+            self.assertEqual(spatial_dims_of(autoencoder), spatial_dims)
+            self.assertEqual(spatial_dims_of(unet), spatial_dims)
+            self.assertEqual(downsampling_factor(autoencoder), 2)  # channels (8, 8): one down-sampling
+            self.assertEqual(downsampling_factor(unet), 2)
+        self.assertIsNone(spatial_dims_of(torch.nn.Linear(2, 2)))
+        self.assertEqual(downsampling_factor(torch.nn.Linear(2, 2)), 1)
+        autoencoder, images = tiny_networks(2)[0], torch.rand(2, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(encode_mean(autoencoder, images), autoencoder.encode(images)[0])
 
 
 if __name__ == "__main__":

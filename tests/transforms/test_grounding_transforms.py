@@ -7,7 +7,7 @@ import torch
 
 from monai_cfx.networks.nets import TextEncoder
 from monai_cfx.transforms import PhraseBoxMaskd, PhraseTokensd
-from tests.networks.nets.test_text_encoder import save_tiny_sd_text_encoder
+from tests.helpers import save_tiny_sd_text_encoder
 
 PROMPT = "a chest x ray with small pleural effusion in the left lung"
 

@@ -5,7 +5,7 @@ import unittest
 import torch
 
 from monai_cfx.transforms import EncodeLatentd
-from tests.engines.test_latent_diffusion import tiny_autoencoder
+from tests.helpers import tiny_autoencoder
 
 
 class TestEncodeLatentd(unittest.TestCase):

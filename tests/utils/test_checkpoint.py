@@ -8,16 +8,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from monai_cfx.utils import load_weights
-
-
-def legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The key names monai-generative used (the model-zoo checkpoints carry them) for a MONAI core state dict."""
-    renamed = {}
-    for key, value in state.items():
-        if "transformer_blocks" in key and ".out_proj." in key:
-            key = key.replace(".out_proj.", ".to_out.0.")
-        renamed[key.replace("postconv", "conv")] = value
-    return renamed
+from tests.helpers import legacy_keys
 
 
 def unet(attention_levels=(False, True)) -> DiffusionModelUNet:

@@ -1,15 +1,28 @@
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import unittest
 from pathlib import Path
 
 import numpy as np
+import torch
 from monai.data import ITKReader
 from monai.transforms import LoadImage
 from parameterized import parameterized
 
-from monai_cfx.utils import atomic_path, check_finite, check_option, write_json, write_nifti, write_png
+from monai_cfx.utils import (
+    atomic_path,
+    check_finite,
+    check_image_pair,
+    check_images,
+    check_option,
+    write_json,
+    write_metrics,
+    write_nifti,
+    write_png,
+)
 
 
 class TestWriters(unittest.TestCase):
@@ -28,6 +41,18 @@ class TestWriters(unittest.TestCase):
             if shape[0] == 1:  # ITK (3D Slicer's reader) agrees on the geometry
                 itk_image = LoadImage(reader=ITKReader(), image_only=True)(str(path))
                 np.testing.assert_allclose(itk_image.numpy(), array[0], atol=1e-6)
+
+    def test_metrics_with_settings_and_nan_as_null(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "metrics.json"
+            metrics = {"auroc": 0.9, "undefined": math.nan, "per_image": {"auroc": [0.8, math.nan]}}
+            record = write_metrics(metrics, path, settings={"seed": 0})
+            self.assertEqual(json.loads(path.read_text()), record)
+            self.assertEqual(record["settings"], {"seed": 0})
+            self.assertIsNone(record["undefined"])
+            self.assertEqual(record["per_image"]["auroc"], [0.8, None])
+            with self.assertRaises(FileExistsError):
+                write_metrics(metrics, path)
 
     def test_png_orientation_matches_monai_loader(self):
         array = np.zeros((1, 20, 10), dtype=np.float32)
@@ -68,6 +93,12 @@ class TestValidation(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "`latent` must be finite"):
             check_finite("latent", np.array([1.0, np.nan]))
         check_finite("latent", np.ones(3))
+        with self.assertRaisesRegex(ValueError, "`images` must be a"):
+            check_images("images", torch.zeros(4, 4))
+        with self.assertRaisesRegex(ValueError, "`images` must hold at least 2"):
+            check_images("images", torch.zeros(1, 1, 4, 4), min_count=2)
+        with self.assertRaisesRegex(ValueError, "`generated` and `target` must have the same"):
+            check_image_pair(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 5))
 
 
 if __name__ == "__main__":

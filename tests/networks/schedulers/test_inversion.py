@@ -368,12 +368,13 @@ class TestDDIMInvert(unittest.TestCase):
 
         alone = {"cond": invert(ContextModel(), context=cond), "uncond": invert(ContextModel(), context=uncond)}
         labels = torch.zeros(1, dtype=torch.long)
-        for scale, branch in ((0.0, "uncond"), (1.0, "cond")):
+        # scale 0: one call per step on the doubled batch (the conditional branch runs for hooks), class labels
+        # broadcast to it; scale 1: the conditional branch alone, as in sampling
+        for scale, branch, batch in ((0.0, "uncond", 6), (1.0, "cond", 3)):
             model = ContextModel()
             guided = invert(model, context=cond, uncond_context=uncond, guidance_scale=scale, class_labels=labels)
             torch.testing.assert_close(guided, alone[branch])
-            # one call per step on the doubled batch, class labels broadcast to it
-            self.assertEqual(model.calls, [(6, (6,))] * 10)
+            self.assertEqual(model.calls, [(batch, (batch,))] * 10)
         stronger = invert(ContextModel(), context=cond, uncond_context=uncond, guidance_scale=3.0)
         self.assertFalse(torch.allclose(stronger, alone["cond"]))
         model = ContextModel()
