@@ -29,7 +29,11 @@ It writes, into ``output_dir``:
 - ``metrics.json``: per sample, the classifier's finding probabilities and whether they agree with the
   prompt, plus the agreement fraction and timings; per counterfactual, the classifier's probability of the
   finding before and after, the localisation AUROC of the difference map and the L1 distance to the twin;
-  per grounded phrase, the AUROC and CNR of its heat map against its box.
+  per grounded phrase, the AUROC and CNR of its heat map against its box; per trajectory step, the classifier's
+  probability of the target finding;
+- ``trajectory_2d/`` and ``trajectory_2d.png``: a language-guided trajectory from the trajectory traversal
+  bundle, a normal chest radiograph progressively with an effusion (the λ sweep of prompt swaps and the Bézier
+  frames, with the classifier's probability of the effusion on each; NIfTI, PNG strips, a GIF and the latents).
 
 Example::
 
@@ -56,6 +60,7 @@ from monai_cfx.visualize import (
     plot_counterfactual_rows,
     plot_grounding_panels,
     plot_sample_grid,
+    plot_trajectory,
 )
 
 from .bundle_config import default_bundle_dir, load_bundle_config
@@ -197,6 +202,50 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     return {"examples": examples, "prompt": prompt, "seconds": round(time.perf_counter() - start, 2), **settings}
 
 
+TRAJECTORY_SEEDS = (5,)
+
+
+def _traverse(output_dir: Path, overwrite: bool) -> dict[str, Any]:
+    """A 2D trajectory from the trajectory traversal bundle's inference config (its prompts and settings), saved by
+    its own writer, and the classifier's probability of the target finding along it."""
+    import torch
+
+    from .traversal import save_traversal, traverse
+
+    parser = load_bundle_config(default_bundle_dir("trajectory_traversal"), ["configs/inference.json"],
+                                device=torch.device("cpu"))  # fmt: skip
+    get = parser.get_parsed_content
+    label_names = list(get("label_names"))
+    finding = "effusion"
+    start = time.perf_counter()
+    networks = (get("load_diffusion"), get("load_autoencoder"), get("text_encoder"))
+    prompts = (get("neutral_prompt"), get("target_prompt"))
+    run = traverse(get("inferer"), *networks, *prompts, seeds=TRAJECTORY_SEEDS, latent_shape=get("latent_shape"))
+    seconds = time.perf_counter() - start
+    names = [f"seed_{seed}" for seed in TRAJECTORY_SEEDS]
+    manifest = save_traversal(
+        run, output_dir / "trajectory_2d", names, [get("affine")] * len(names), get("settings"),
+        oracle=get("load_oracle"), label_names=label_names, overwrite=overwrite,
+    )  # fmt: skip
+    record = manifest["trajectories"][0]
+    frame_p = record["frame_probabilities"][finding]
+    swap_p = [record["swap_probabilities"][finding][str(step)] for step in run["swap_steps"]]
+    plot_trajectory(run["frames"][:, 0], run["swap_images"][:, 0], run["swap_steps"], frame_p, swap_p, finding,
+                    output_dir / "trajectory_2d.png", title=f"{get('neutral_prompt')} -> {get('target_prompt')}",
+                    overwrite=overwrite)  # fmt: skip
+    return {
+        "neutral_prompt": get("neutral_prompt"),
+        "target_prompt": get("target_prompt"),
+        "seed": TRAJECTORY_SEEDS[0],
+        "finding": finding,
+        "swap_steps": run["swap_steps"],
+        "swap_probability": _rounded(swap_p),
+        "frame_probability": _rounded(frame_p),
+        "unet_calls": run["num_model_calls"],
+        "seconds": round(seconds, 2),
+    }
+
+
 def _rounded(values: Any) -> list[float | None]:
     """JSON-ready values: rounded, and None where a measure is undefined (NaN, e.g. a finding without a box)."""
     return [None if np.isnan(float(v)) else round(float(v), 4) for v in values]
@@ -312,6 +361,8 @@ def run_showcase(
         "counterfactuals_3d.png",
         "grounding_2d.png",
         "grounding_3d.png",
+        "trajectory_2d.png",
+        "trajectory_2d",
     )
     for name in ("summary.json", "metrics.json", *figures):
         check_writable(output_dir / name, overwrite)  # fail before the slow part, not after it
@@ -361,6 +412,7 @@ def run_showcase(
             for example in result["examples"]:
                 example.pop("arrays")  # drawn; not for metrics.json
             metrics[f"{name}_{dims}"] = result
+    metrics["trajectory_2d"] = _traverse(output_dir, overwrite)
     write_json(metrics, output_dir / "metrics.json", overwrite)
     summary["outputs"] += ["samples_2d/", "samples_3d/", "samples_2d.png", "samples_3d.png"]
     summary["outputs"] += [
@@ -370,7 +422,7 @@ def run_showcase(
         "counterfactuals_3d.png",
     ]
     summary["outputs"] += ["grounding_2d/", "grounding_3d/", "grounding_2d.png", "grounding_3d.png"]
-    summary["outputs"] += ["metrics.json"]
+    summary["outputs"] += ["trajectory_2d/", "trajectory_2d.png", "metrics.json"]
     summary["sample_agreement"] = {dims: result["agreement"] for dims, result in generated.items()}
     summary["seconds"] = round(time.perf_counter() - start, 2)
     write_json(summary, output_dir / "summary.json", overwrite)

@@ -18,6 +18,7 @@ from .grounding import CaptureWindowHook, CrossAttentionGroundingInferer
 from .inversion import ddim_invert
 from .latent_diffusion import TextGuidedLatentDiffusionInferer, sample_prompts
 from .sampling import KeepSamples, SamplingHook, SamplingState, denoise, seeded_noise
+from .traversal import PromptSwapHook, TrajectoryTraversalInferer, TraversalResult, bezier_curve, linear_path
 
 __all__ = [
     "CaptureWindowHook",
@@ -28,12 +29,17 @@ __all__ = [
     "DriftHook",
     "DriftLatentDiffusionInferer",
     "KeepSamples",
+    "PromptSwapHook",
     "RegionBlendHook",
     "SamplingHook",
     "SamplingState",
     "TextGuidedLatentDiffusionInferer",
+    "TrajectoryTraversalInferer",
+    "TraversalResult",
+    "bezier_curve",
     "ddim_invert",
     "denoise",
+    "linear_path",
     "sample_prompts",
     "seeded_noise",
 ]

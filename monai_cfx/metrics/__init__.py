@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Metrics MONAI lacks: KID, distribution distances, latent shift, counterfactual and phrase-grounding measures."""
+"""Metrics MONAI lacks: KID, distribution distances, latent shift, counterfactual, phrase-grounding and trajectory
+measures."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from .distribution import (
 from .feature_distance import KIDMetric, compute_kid
 from .grounding import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
 from .latent import latent_shift
+from .traversal import (
+    compute_cfrt,
+    compute_identity_preservation,
+    compute_latent_direction_cosine,
+    compute_monotone_fraction,
+)
 
 __all__ = [
     "GroundingMetric",
@@ -30,12 +37,16 @@ __all__ = [
     "KID_NUM_SUBSETS",
     "KID_SUBSET_SIZE",
     "compute_binned_auroc",
+    "compute_cfrt",
     "compute_cnr",
     "compute_counterfactual_validity",
+    "compute_identity_preservation",
     "compute_kid",
+    "compute_latent_direction_cosine",
     "compute_localization_auroc",
     "compute_masked_l1",
     "compute_miou",
+    "compute_monotone_fraction",
     "distribution_distances",
     "latent_shift",
     "monte_carlo_l1",

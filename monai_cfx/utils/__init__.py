@@ -13,10 +13,20 @@
 from __future__ import annotations
 
 from .checkpoint import load_weights
-from .io import atomic_path, check_writable, save_figure, write_json, write_metrics, write_nifti, write_png
+from .io import (
+    atomic_directory,
+    atomic_path,
+    check_writable,
+    save_figure,
+    write_json,
+    write_metrics,
+    write_nifti,
+    write_png,
+)
 from .validation import check_finite, check_image_pair, check_images, check_option
 
 __all__ = [
+    "atomic_directory",
     "atomic_path",
     "check_finite",
     "check_image_pair",

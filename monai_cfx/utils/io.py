@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "check_writable", "save_figure", "write_json", "write_metrics", "write_nifti", "write_png"]
+__all__ = [
+    "atomic_directory",
+    "atomic_path",
+    "check_writable",
+    "save_figure",
+    "write_json",
+    "write_metrics",
+    "write_nifti",
+    "write_png",
+]
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -76,6 +86,44 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; move it onto ``path`` only if the block succeeds: a run's outputs
+    appear all together or not at all, and a failed or killed run leaves no partial folder at ``path``.
+
+    Raises:
+        FileExistsError: when ``path`` exists (checked before the block and again at the end) and ``overwrite`` is
+            False; with ``overwrite`` the previous folder is replaced only after the new one is complete.
+
+    Example::
+
+        with atomic_directory("out/traversal") as tmp:
+            write_json(record, tmp / "traversal.json")
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output folder {str(path)!r} exists; pass overwrite=True to replace it.")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {str(path)!r} is a file.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"output folder {str(path)!r} appeared while writing; not overwriting it.")
+            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, previous / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _write_with(path: str | os.PathLike, writer: Callable[[Path], Any], overwrite: bool) -> Path:

@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Cross-attention recording and every figure: phantoms, samples, counterfactuals, heat maps, drift searches."""
+"""Cross-attention recording and every figure: phantoms, samples, counterfactuals, heat maps, drift searches,
+trajectories."""
 
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ from .figures import (
     plot_grounding_panels,
     plot_sample_grid,
 )
+from .traversal import plot_image_strip, plot_trajectory, plot_traversal_curves, save_trajectory_gif
 
 __all__ = [
     "CrossAttentionRecorder",
     "cross_attention_layers",
     "draw_heatmap",
     "middle_slice",
+    "plot_image_strip",
+    "plot_trajectory",
+    "plot_traversal_curves",
+    "save_trajectory_gif",
     "plot_brain_phantoms",
     "plot_chest_phantoms",
     "plot_counterfactual_rows",

@@ -33,6 +33,7 @@ class TestShowcase(unittest.TestCase):
             # samples from the shipped weights, their panel and the oracle's verdicts
             metrics = json.loads(Path(out, "metrics.json").read_text())
             expected = {"2d", "3d", "counterfactuals_2d", "counterfactuals_3d", "grounding_2d", "grounding_3d"}
+            expected.add("trajectory_2d")
             self.assertEqual(set(metrics), expected)
             for dims in ("2d", "3d"):
                 result = metrics[dims]
@@ -64,6 +65,15 @@ class TestShowcase(unittest.TestCase):
                 self.assertTrue(all(a is None or 0.0 <= a <= 1.0 for e in examples for a in e["auroc"]))
                 with Image.open(Path(out, f"grounding_{dims}.png")) as figure:
                     self.assertGreater(min(figure.size), 250)
+            # a trajectory towards an effusion: the neutral end has none, the earliest swap and the last frame do
+            trajectory = metrics["trajectory_2d"]
+            self.assertLess(trajectory["frame_probability"][0], 0.5)
+            self.assertGreater(trajectory["swap_probability"][-1], 0.5)
+            self.assertGreater(trajectory["frame_probability"][-1], 0.5)
+            saved = json.loads(Path(out, "trajectory_2d", "traversal.json").read_text())
+            self.assertTrue(Path(out, "trajectory_2d", saved["trajectories"][0]["files"]["gif"]).is_file())
+            with Image.open(Path(out, "trajectory_2d.png")) as figure:
+                self.assertGreater(min(figure.size), 250)
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)

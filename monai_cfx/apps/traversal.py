@@ -1,0 +1,480 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The trajectory traversal bundle's jobs: traverse seeds or scans in batches, write a run's outputs all together,
+and evaluate CFRT, the cosine curve and identity preservation over seeds (the configs hold the choices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_cfx.data import generate_phantom
+from monai_cfx.inferers import TrajectoryTraversalInferer, linear_path, seeded_noise
+from monai_cfx.metrics import (
+    compute_cfrt,
+    compute_identity_preservation,
+    compute_latent_direction_cosine,
+    compute_monotone_fraction,
+    distribution_distances,
+    oracle_predict,
+)
+from monai_cfx.utils import atomic_directory, write_json, write_nifti
+from monai_cfx.visualize import plot_image_strip, plot_traversal_curves, save_trajectory_gif
+
+__all__ = [
+    "evaluate_traversal",
+    "load_scans",
+    "run_inference",
+    "save_traversal",
+    "traversal_inputs",
+    "traverse",
+    "write_evaluation",
+]
+
+
+def _check_prompts(neutral_prompt: Any, target_prompt: Any) -> None:
+    for name, prompt in (("neutral_prompt", neutral_prompt), ("target_prompt", target_prompt)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"`{name}` must be a non-empty string, got {prompt!r}.")
+    if neutral_prompt.strip() == target_prompt.strip():
+        warnings.warn(
+            f"`target_prompt` equals `neutral_prompt` ({neutral_prompt!r}): every swap gives the neutral image.",
+            stacklevel=3,
+        )
+
+
+def load_scans(items: Sequence[Mapping[str, Any]], image_size: int, spatial_dims: int) -> tuple[torch.Tensor, list]:
+    """Load the ``image`` of each datalist item as ``(N, 1, *[image_size] * spatial_dims)`` with its affine.
+
+    Raises:
+        ValueError: when there is no item, or an image is not one channel of the model's size (the error names the
+            file and what was expected).
+    """
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    if not items:
+        raise ValueError("the datalist holds no item to traverse.")
+    loader, channel_first = LoadImage(image_only=True), EnsureChannelFirst()
+    images, affines = [], []
+    expected = (1, *[image_size] * spatial_dims)
+    for item in items:
+        image = channel_first(loader(item["image"]))
+        if tuple(image.shape) != expected:
+            raise ValueError(
+                f"scan {item['image']!r} has shape {tuple(image.shape)}, but this bundle's model takes {expected} "
+                "(one channel at the model's size)."
+            )
+        if not bool(torch.isfinite(image.as_tensor()).all()):
+            raise ValueError(f"scan {item['image']!r} holds NaN or Inf values.")
+        images.append(image.as_tensor().float())
+        affines.append(np.asarray(image.affine))
+    return torch.stack(images), affines
+
+
+def traversal_inputs(
+    seeds: Sequence[int] | None,
+    datalist: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike,
+    data_list_key: str,
+    image_size: int,
+    spatial_dims: int,
+) -> dict[str, Any]:
+    """What the inference config traverses, checked before any model is loaded: the scans of ``datalist``
+    (``{"images", "affines", "names"}`` with :func:`load_scans`, names from the files' stems), or else ``seeds``.
+
+    Raises:
+        FileNotFoundError: when the datalist does not exist.
+        ValueError: when the datalist has no ``data_list_key`` items, an item's ``image`` is missing or empty, a scan
+            does not fit, or (without a datalist) ``seeds`` is empty or not a list of ints.
+    """
+    from monai.data import load_decathlon_datalist
+
+    if datalist is None:
+        valid = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0
+        if not valid or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):  # type: ignore
+            raise ValueError(f"`seeds` must be a non-empty list of ints when no datalist is given, got {seeds!r}.")
+        return {"seeds": [int(s) for s in seeds], "scans": None}  # type: ignore[union-attr]
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {str(datalist)!r} not found.")
+    # read the raw items first: MONAI joins any string onto dataset_dir, so an empty one would become the folder
+    raw = json.loads(path.read_text()).get(data_list_key)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"datalist {str(datalist)!r} has no {data_list_key!r} items to traverse.")
+    missing = [i for i, item in enumerate(raw) if not isinstance(item, dict) or not isinstance(item.get("image"), str)
+               or not item["image"].strip()]  # fmt: skip
+    if missing:
+        raise ValueError(f"datalist {str(datalist)!r}: {data_list_key} items {missing} have no 'image' file.")
+    items = load_decathlon_datalist(path, is_segmentation=False, data_list_key=data_list_key, base_dir=dataset_dir)
+    images, affines = load_scans(items, image_size, spatial_dims)
+    names = [Path(item["image"]).name.split(".")[0] for item in items]
+    if len(set(names)) < len(names):
+        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
+    return {"seeds": None, "scans": {"images": images, "affines": affines, "names": names}}
+
+
+def run_inference(
+    inferer: TrajectoryTraversalInferer,
+    scan_inferer: TrajectoryTraversalInferer,
+    diffusion_model: torch.nn.Module,
+    autoencoder_model: torch.nn.Module,
+    text_encoder: Any,
+    neutral_prompt: str,
+    target_prompt: str,
+    output_dir: str | os.PathLike,
+    *,
+    inputs: Mapping[str, Any],
+    latent_shape: Sequence[int],
+    affine: np.ndarray,
+    settings: Mapping[str, Any],
+    oracle: torch.nn.Module | None = None,
+    label_names: Sequence[str] = (),
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The inference config's job: traverse the scans of ``inputs`` (:func:`traversal_inputs`) with ``scan_inferer``,
+    or else its seeds with ``inferer``, and write the outputs with :func:`save_traversal`."""
+    scans, seeds = inputs["scans"], inputs["seeds"]
+    if scans is not None:
+        run = traverse(scan_inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
+                       images=scans["images"], batch_size=batch_size, device=device)  # fmt: skip
+        names, affines = scans["names"], scans["affines"]
+    else:
+        run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
+                       seeds=seeds, latent_shape=latent_shape, batch_size=batch_size, device=device)  # fmt: skip
+        names, affines = [f"seed_{int(seed)}" for seed in seeds], [affine] * len(seeds)
+    return save_traversal(run, output_dir, names, affines, settings, oracle=oracle, label_names=label_names,
+                          device=device, overwrite=overwrite)  # fmt: skip
+
+
+@torch.no_grad()
+def traverse(
+    inferer: TrajectoryTraversalInferer,
+    diffusion_model: torch.nn.Module,
+    autoencoder_model: torch.nn.Module,
+    text_encoder: Any,
+    neutral_prompt: str,
+    target_prompt: str,
+    *,
+    seeds: Sequence[int] | None = None,
+    images: torch.Tensor | None = None,
+    latent_shape: Sequence[int] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Trajectories from ``seeds`` (initial noise :func:`~monai_cfx.inferers.seeded_noise`, ``inferer.start ==
+    "noise"``) or from ``images`` (``inferer.start == "image"``), in batches, decoded.
+
+    Returns:
+        ``{"swap_steps", "initial_latent", "neutral_latent", "swap_latents", "frame_latents", "frames",
+        "swap_images", "num_model_calls"}``: latents as the inferer gives them (trajectories on dim 1 for swaps and
+        frames), images ``(K, N, C, *spatial)`` clipped to [0, 1], all on the CPU.
+    """
+    _check_prompts(neutral_prompt, target_prompt)
+    if (seeds is None) == (images is None):
+        raise ValueError("give either `seeds` (traversals from noise) or `images` (traversals of scans), not both.")
+    if seeds is not None and inferer.start != "noise":
+        raise ValueError(f"`seeds` need an inferer with start='noise', got start={inferer.start!r}.")
+    if images is not None and inferer.start != "image":
+        raise ValueError(f"`images` need an inferer with start='image', got start={inferer.start!r}.")
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("`seeds` must hold at least one seed.")
+        if latent_shape is None:
+            raise ValueError("traversals from noise need `latent_shape` (C, *spatial) of the initial latents.")
+    diffusion_model, autoencoder_model = diffusion_model.to(device).eval(), autoencoder_model.to(device).eval()
+    contexts = [text_encoder([p]).to(device) for p in (neutral_prompt, target_prompt)]
+    empty = text_encoder.null_context(1).to(device)
+    count = len(seeds) if seeds is not None else len(images)  # type: ignore[arg-type]
+    parts: dict[str, list] = {}
+    calls = 0
+    for start in range(0, count, batch_size):
+        if seeds is not None:
+            inputs = seeded_noise(latent_shape, seeds[start : start + batch_size], device=device)  # type: ignore
+        else:
+            inputs = images[start : start + batch_size].to(device)  # type: ignore[index]
+        result = inferer(inputs, diffusion_model, autoencoder_model, *contexts, empty)
+        calls += result.num_model_calls
+        decoded = {
+            "frames": inferer.decode(result.frame_latents, autoencoder_model).clamp(0, 1),
+            "swap_images": inferer.decode(result.swap_latents, autoencoder_model).clamp(0, 1),
+        }
+        tensors = {
+            "initial_latent": (result.initial_latent, 0),
+            "neutral_latent": (result.neutral_latent, 0),
+            "swap_latents": (result.swap_latents, 1),
+            "frame_latents": (result.frame_latents, 1),
+            "frames": (decoded["frames"], 1),
+            "swap_images": (decoded["swap_images"], 1),
+        }
+        for key, (value, dim) in tensors.items():
+            parts.setdefault(key, []).append((value.float().cpu(), dim))
+    out: dict[str, Any] = {key: torch.cat([v for v, _ in values], values[0][1]) for key, values in parts.items()}
+    out["swap_steps"] = list(inferer.swap_steps)
+    out["num_model_calls"] = calls
+    return out
+
+
+def _probabilities(oracle: torch.nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Oracle probabilities ``(N, K, A)`` of images ``(K, N, C, *spatial)``."""
+    probabilities, _ = oracle_predict(oracle, images.reshape(-1, *images.shape[2:]), device=device)
+    return probabilities.reshape(images.shape[0], images.shape[1], -1).transpose(0, 1)
+
+
+def save_traversal(
+    traversal: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    names: Sequence[str],
+    affines: Sequence[np.ndarray],
+    settings: Mapping[str, Any],
+    oracle: torch.nn.Module | None = None,
+    label_names: Sequence[str] = (),
+    strip_frames: int = 10,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a :func:`traverse` result into ``output_dir``, all together or not at all (a temporary folder renamed
+    at the end; an existing folder is replaced only with ``overwrite``).
+
+    Per trajectory ``<name>``: the frames as NIfTI with the input's affine (2D: one file, frames in the 5th
+    dimension; 3D: ``<name>_frame_XX.nii.gz``), the λ sweep likewise (``_swaps``), ``<name>_strip.png`` (frames)
+    and ``<name>_swaps.png`` (the sweep; 3D: middle slices), ``<name>.gif`` and ``<name>_latents.pt`` (tensors
+    only, readable with ``torch.load(..., weights_only=True)``); and ``traversal.json`` with the settings, the files
+    and the oracle's probabilities per frame and per swap.
+
+    Returns:
+        the record written to ``traversal.json``.
+    """
+    frames, swaps = traversal["frames"], traversal["swap_images"]
+    if len(names) != frames.shape[1] or len(affines) != frames.shape[1]:
+        raise ValueError(f"give one name and one affine per trajectory ({frames.shape[1]}), got {len(names)} and "
+                         f"{len(affines)}.")  # fmt: skip
+    spatial_dims = frames.ndim - 3
+    frame_probabilities = swap_probabilities = None
+    if oracle is not None:
+        frame_probabilities = _probabilities(oracle, frames, device)
+        swap_probabilities = _probabilities(oracle, swaps, device)
+    swap_steps = list(traversal["swap_steps"])
+    shown = np.unique(np.linspace(0, frames.shape[0] - 1, min(strip_frames, frames.shape[0])).round().astype(int))
+    records = []
+    with atomic_directory(output_dir, overwrite) as folder:
+        for index, (name, affine) in enumerate(zip(names, affines)):
+            files: dict[str, Any] = {}
+            for key, images in (("frames", frames[:, index]), ("swaps", swaps[:, index])):
+                if spatial_dims == 2:
+                    files[key] = f"{name}_{key}.nii.gz"
+                    write_nifti(images[:, 0].numpy(), affine, folder / files[key])
+                else:
+                    label = "frame" if key == "frames" else "swap"
+                    steps = range(len(images)) if key == "frames" else swap_steps
+                    files[key] = [f"{name}_{label}_{step:02d}.nii.gz" for step in steps]
+                    for image, file in zip(images, files[key]):
+                        write_nifti(image.numpy(), affine, folder / file)
+            files["strip"], files["swaps_png"], files["gif"] = f"{name}_strip.png", f"{name}_swaps.png", f"{name}.gif"
+            route = f"{settings.get('neutral_prompt')} -> {settings.get('target_prompt')}"
+            plot_image_strip(frames[shown, index], [f"frame {k}" for k in shown], folder / files["strip"],
+                             suptitle=f"{name}: {route}")  # fmt: skip
+            plot_image_strip(
+                torch.cat([frames[:1, index], swaps[:, index]]),
+                ["neutral"] + [f"λ = {step}" for step in swap_steps],
+                folder / files["swaps_png"],
+                suptitle=f"{name}: prompt swapped at step λ",
+            )
+            save_trajectory_gif(frames[:, index], folder / files["gif"])
+            files["latents"] = f"{name}_latents.pt"
+            latents = {
+                key: traversal[key][index] if traversal[key].ndim == frames.ndim - 1 else traversal[key][:, index]
+                for key in ("initial_latent", "neutral_latent", "swap_latents", "frame_latents")
+            }
+            torch.save({**{k: v.clone() for k, v in latents.items()}, "swap_steps": torch.tensor(swap_steps)},
+                       folder / files["latents"])  # fmt: skip
+            record: dict[str, Any] = {"name": name, "files": files}
+            if frame_probabilities is not None:
+                record["frame_probabilities"] = {
+                    label: frame_probabilities[index, :, k].tolist() for k, label in enumerate(label_names)
+                }
+                record["swap_probabilities"] = {
+                    label: dict(zip(map(str, swap_steps), swap_probabilities[index, :, k].tolist()))  # type: ignore
+                    for k, label in enumerate(label_names)
+                }
+            records.append(record)
+        manifest = {"settings": dict(settings), "swap_steps": swap_steps, "trajectories": records}
+        manifest["num_model_calls"] = traversal.get("num_model_calls")
+        write_json(manifest, folder / "traversal.json")
+    return manifest
+
+
+def _pair_name(pair: Mapping[str, Any]) -> str:
+    return str(pair.get("name") or pair["finding"])
+
+
+@torch.no_grad()
+def evaluate_traversal(
+    inferer: TrajectoryTraversalInferer,
+    diffusion_model: torch.nn.Module,
+    autoencoder_model: torch.nn.Module,
+    text_encoder: Any,
+    oracle: torch.nn.Module,
+    label_names: Sequence[str],
+    pairs: Sequence[Mapping[str, Any]],
+    *,
+    kind: str,
+    latent_shape: Sequence[int],
+    image_size: int,
+    num_seeds: int = 64,
+    seed: int = 0,
+    bezier_window: Sequence[int] = (30, 50),
+    swap_window: Sequence[int] = (5, 15),
+    num_reference_images: int = 128,
+    scan_inferer: TrajectoryTraversalInferer | None = None,
+    num_scans: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Measure traversals over ``num_seeds`` seeds for each attribute pair (arXiv 2503.23623 and beyond).
+
+    Per pair ``{"finding", "neutral_prompt", "target_prompt"}``:
+
+    - ``cfrt_bezier``: CFRT on the Bézier frames in ``bezier_window``; ``cfrt_swaps``: CFRT on the swap images
+      whose λ lies in ``swap_window`` (inclusive), each against the neutral image;
+    - ``cosine``: the latent-direction cosine per λ (mean over seeds), reference the latest swap;
+    - ``neutral_free``: the fraction of neutral images without the finding (p < 0.5); ``earliest_has``: with it
+      at the earliest swap (p > 0.5);
+    - Bézier against linear frames (linear: straight from ``z_N`` to the earliest swap): the fraction of frames
+      along which the finding's probability is monotone, and FID of all frames against held-out phantoms of
+      ``kind`` on the oracle's features;
+    - identity: SSIM and L1 of every frame to the neutral image, mean per frame and over ``bezier_window``;
+    - with ``scan_inferer`` (``start="image"``) and ``num_scans``: traversals of held-out healthy phantoms (seeds
+      ``seed + 50_000 + i``): SSIM of the λ-latest swap to the input, and the fraction with the finding at the
+      earliest swap.
+
+    Returns:
+        ``{"num_seeds", "settings", "pairs": {name: {...}}}``.
+    """
+    label_names = list(label_names)
+    seeds = list(range(seed, seed + num_seeds))
+    reference = torch.stack(
+        [
+            torch.as_tensor(generate_phantom(kind, 90_000 + seed + i, size=image_size)["image"], dtype=torch.float32)
+            for i in range(num_reference_images)
+        ]
+    )
+    results: dict[str, Any] = {}
+    for pair in pairs:
+        finding = pair["finding"]
+        if finding not in label_names:
+            raise ValueError(f"pair finding {finding!r} is not one of the oracle's findings {label_names}.")
+        target = label_names.index(finding)
+        start = time.perf_counter()
+        run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, pair["neutral_prompt"],
+                       pair["target_prompt"], seeds=seeds, latent_shape=latent_shape, batch_size=batch_size,
+                       device=device)  # fmt: skip
+        seconds = time.perf_counter() - start
+        swap_steps = run["swap_steps"]
+        frames = run["frames"]  # (F, N, C, ...)
+        frame_probabilities = _probabilities(oracle, frames, device)  # (N, F, A)
+        swap_probabilities = _probabilities(oracle, run["swap_images"], device)  # (N, Λ, A)
+        cfrt_bezier, _ = compute_cfrt(frame_probabilities, target, bezier_window)
+        low, high = swap_window
+        in_window = [k for k, step in enumerate(swap_steps) if low <= step <= high]
+        if not in_window:
+            raise ValueError(f"`swap_window` {tuple(swap_window)} holds none of the swap steps {swap_steps}.")
+        swap_trajectory = torch.cat([frame_probabilities[:, :1], swap_probabilities[:, in_window]], dim=1)
+        cfrt_swaps, _ = compute_cfrt(swap_trajectory, target, frame_window=None)
+        cosine = compute_latent_direction_cosine(run["neutral_latent"], run["swap_latents"])
+        linear_latents = linear_path(run["neutral_latent"], run["swap_latents"][-1], frames.shape[0])
+        linear_frames = inferer.decode(linear_latents.to(device), autoencoder_model.to(device)).clamp(0, 1).cpu()
+        linear_probabilities = _probabilities(oracle, linear_frames, device)
+        distances = {
+            name: distribution_distances(images.reshape(-1, *images.shape[2:]), reference, oracle, device, seed=seed)
+            for name, images in (("bezier", frames), ("linear", linear_frames))
+        }
+        identity = compute_identity_preservation(frames, frames[0])
+        window = slice(*bezier_window)
+        record: dict[str, Any] = {
+            "finding": finding,
+            "neutral_prompt": pair["neutral_prompt"],
+            "target_prompt": pair["target_prompt"],
+            "swap_steps": swap_steps,
+            "cfrt_bezier": cfrt_bezier,
+            "cfrt_swaps": cfrt_swaps,
+            "cosine": [float(v) for v in cosine.nanmean(dim=1)],
+            "neutral_free": float((frame_probabilities[:, 0, target] < 0.5).double().mean()),
+            "earliest_has": float((swap_probabilities[:, -1, target] > 0.5).double().mean()),
+            "swap_has": [float(v) for v in (swap_probabilities[:, :, target] > 0.5).double().mean(0)],
+            "bezier_monotone": float(compute_monotone_fraction(frame_probabilities[:, :, target]).mean()),
+            "linear_monotone": float(compute_monotone_fraction(linear_probabilities[:, :, target]).mean()),
+            "bezier_fid": distances["bezier"]["fid"],
+            "linear_fid": distances["linear"]["fid"],
+            "bezier_target_probability": [float(v) for v in frame_probabilities[:, :, target].mean(0)],
+            "linear_target_probability": [float(v) for v in linear_probabilities[:, :, target].mean(0)],
+            "identity_ssim": [float(v) for v in identity["ssim"].mean(1)],
+            "identity_l1": [float(v) for v in identity["l1"].mean(1)],
+            "identity_ssim_window": float(identity["ssim"][window].mean()),
+            "identity_l1_window": float(identity["l1"][window].mean()),
+            "model_calls_per_trajectory": run["num_model_calls"] / max(1, -(-num_seeds // batch_size)),
+            "seconds": seconds,
+        }
+        if scan_inferer is not None and num_scans > 0:
+            scans = torch.stack(
+                [
+                    torch.as_tensor(
+                        generate_phantom(kind, 50_000 + seed + i, size=image_size, findings=[])["image"],
+                        dtype=torch.float32,
+                    )
+                    for i in range(num_scans)
+                ]
+            )
+            scan_run = traverse(scan_inferer, diffusion_model, autoencoder_model, text_encoder,
+                                pair["neutral_prompt"], pair["target_prompt"], images=scans, batch_size=batch_size,
+                                device=device)  # fmt: skip
+            latest = scan_run["swap_images"][0]
+            ssim = compute_identity_preservation(latest[None], scans)["ssim"][0]
+            scan_probabilities = _probabilities(oracle, scan_run["swap_images"], device)
+            record["scan"] = {
+                "num_scans": num_scans,
+                "latest_swap_ssim_to_input": float(ssim.mean()),
+                "neutral_ssim_to_input": float(
+                    compute_identity_preservation(scan_run["frames"][:1], scans)["ssim"][0].mean()
+                ),
+                "earliest_has": float((scan_probabilities[:, -1, target] > 0.5).double().mean()),
+            }
+        results[_pair_name(pair)] = record
+    return {
+        "num_seeds": num_seeds,
+        "settings": {
+            "num_inference_steps": inferer.num_inference_steps,
+            "guidance_scale": inferer.guidance_scale,
+            "swap_steps": list(inferer.swap_steps),
+            "num_frames": inferer.num_frames,
+            "bezier_window": list(bezier_window),
+            "swap_window": list(swap_window),
+            "seed": seed,
+        },
+        "pairs": results,
+    }
+
+
+def write_evaluation(metrics: Mapping[str, Any], output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """``metrics.json`` and ``traversal_curves.png`` of :func:`evaluate_traversal`, together or not at all."""
+    with atomic_directory(output_dir, overwrite) as folder:
+        plot_traversal_curves(metrics, Path(folder) / "traversal_curves.png")
+        write_json(dict(metrics), Path(folder) / "metrics.json")
