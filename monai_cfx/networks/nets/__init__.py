@@ -8,11 +8,13 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Networks: the Hugging Face text encoder with added-token embeddings, and the finding classifier (oracle)."""
+"""Networks: the Hugging Face text encoder with added-token embeddings, the finding classifier (oracle), and the
+joint diffusion/classifier UNet (Mediffusion)."""
 
 from __future__ import annotations
 
 from .finding_classifier import FindingClassifier
+from .joint_diffusion_unet import JointDiffusionUNet
 from .text_encoder import AddedTokenEmbedding, PhraseTruncatedError, TextEncoder
 
-__all__ = ["AddedTokenEmbedding", "FindingClassifier", "PhraseTruncatedError", "TextEncoder"]
+__all__ = ["AddedTokenEmbedding", "FindingClassifier", "JointDiffusionUNet", "PhraseTruncatedError", "TextEncoder"]
