@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""monai_cfx: diffusion counterfactuals, phrase grounding and Latent Drifting for MONAI, in 2D and 3D."""
+"""monai_cfx: diffusion counterfactuals, phrase grounding, Latent Drifting and trajectory traversal for MONAI."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from monai_cfx.metrics import (
     distribution_distances,
     oracle_predict,
 )
+from monai_cfx.networks.utils import encode_mean
 from monai_cfx.utils import atomic_directory, write_json, write_nifti
 from monai_cfx.visualize import plot_image_strip, plot_traversal_curves, save_trajectory_gif
 
@@ -448,6 +449,13 @@ def evaluate_traversal(
                                 device=device)  # fmt: skip
             latest = scan_run["swap_images"][0]
             ssim = compute_identity_preservation(latest[None], scans)["ssim"][0]
+            # the autoencoder's own round trip bounds how close any decoded latent can come to the input
+            with torch.no_grad():
+                autoencoder_model = autoencoder_model.to(device)
+                reconstruction = autoencoder_model.decode_stage_2_outputs(
+                    encode_mean(autoencoder_model, scans.to(device))
+                ).clamp(0, 1)
+            floor = compute_identity_preservation(reconstruction.cpu()[None], scans)["ssim"][0]
             scan_probabilities = _probabilities(oracle, scan_run["swap_images"], device)
             record["scan"] = {
                 "num_scans": num_scans,
@@ -456,6 +464,8 @@ def evaluate_traversal(
                     compute_identity_preservation(scan_run["frames"][:1], scans)["ssim"][0].mean()
                 ),
                 "earliest_has": float((scan_probabilities[:, -1, target] > 0.5).double().mean()),
+                "autoencoder_ssim_to_input": float(floor.mean()),
+                "guidance_scale": scan_inferer.guidance_scale,
             }
         results[_pair_name(pair)] = record
     return {

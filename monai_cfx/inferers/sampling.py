@@ -10,11 +10,11 @@
 # limitations under the License.
 """The library's one reverse-diffusion loop, with small step hooks.
 
-Counterfactuals, Latent Drifting, prompt swapping, DDIM inversion, attention capture and classifier guidance
-differ only in what they do around a step, so they are written as :class:`SamplingHook`\\ s (or a step
-function) on this loop rather than as copies of it (as diffusers' ``callback_on_step_end``). Without hooks and
-guidance the loop is exactly MONAI's ``DiffusionInferer.sample`` (same model calls, same scheduler steps, same
-random draws).
+Counterfactuals, Latent Drifting, prompt swapping, DDIM inversion and attention capture differ only in what they do
+around a step, so they are written as :class:`SamplingHook`\\ s (or a step function) on this loop rather than as
+copies of it (as diffusers' ``callback_on_step_end``). A hook may ask for gradients in its phase (what a
+classifier-guidance hook needs) and read a network's extra outputs. Without hooks and guidance the loop is exactly
+MONAI's ``DiffusionInferer.sample`` (same model calls, same scheduler steps, same random draws).
 """
 
 from __future__ import annotations

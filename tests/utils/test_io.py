@@ -13,6 +13,7 @@ from monai.transforms import LoadImage
 from parameterized import parameterized
 
 from monai_cfx.utils import (
+    atomic_directory,
     atomic_path,
     check_finite,
     check_image_pair,
@@ -84,6 +85,35 @@ class TestWriters(unittest.TestCase):
             plain = Path(out) / "plain.txt"
             plain.write_text("x")
             self.assertEqual(target.stat().st_mode & 0o777, plain.stat().st_mode & 0o777)
+
+
+class TestAtomicDirectory(unittest.TestCase):
+    def test_all_or_nothing(self):
+        with tempfile.TemporaryDirectory() as root:
+            out = Path(root, "run")
+            with atomic_directory(out) as folder:
+                (folder / "a.txt").write_text("a")
+                self.assertFalse(out.exists())  # nothing visible before the run ends
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["a.txt"])
+            # an existing folder is refused before the block runs, and left as it was
+            with self.assertRaises(FileExistsError), atomic_directory(out):
+                self.fail("the block must not run")
+            # a failing run leaves neither its folder nor a temporary one
+            with self.assertRaisesRegex(RuntimeError, "boom"), atomic_directory(Path(root, "failed")) as folder:
+                (folder / "half.txt").write_text("half")
+                raise RuntimeError("boom")
+            self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+            # overwrite replaces the folder only once the new one is complete
+            with self.assertRaisesRegex(RuntimeError, "boom"), atomic_directory(out, overwrite=True) as folder:
+                raise RuntimeError("boom")
+            self.assertEqual((out / "a.txt").read_text(), "a")
+            with atomic_directory(out, overwrite=True) as folder:
+                (folder / "b.txt").write_text("b")
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["b.txt"])
+            self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+            Path(root, "file").write_text("x")
+            with self.assertRaises(NotADirectoryError), atomic_directory(Path(root, "file"), overwrite=True):
+                pass
 
 
 class TestValidation(unittest.TestCase):
