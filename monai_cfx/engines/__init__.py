@@ -24,6 +24,17 @@ from .finetune import (
     prompt_with_token,
 )
 from .grounding import GroundingPrepareBatch
+from .joint import (
+    CLASSIFIER_LATENTS,
+    DiffMatchLoss,
+    JointDiffusionInferer,
+    JointDiffusionLoss,
+    JointDiffusionPrepareBatch,
+    LabelledBatchSampler,
+    StrongLatentAugment,
+    labelled_split,
+    mark_labelled,
+)
 from .latent_diffusion import (
     AutoencoderKLLoss,
     LatentDiffusionPrepareBatch,
@@ -32,18 +43,27 @@ from .latent_diffusion import (
 )
 
 __all__ = [
+    "CLASSIFIER_LATENTS",
     "FINETUNE_MODES",
     "AutoencoderKLLoss",
     "CounterfactualPrepareBatch",
+    "DiffMatchLoss",
     "FineTunePrepareBatch",
     "FineTuning",
     "GroundingPrepareBatch",
+    "JointDiffusionInferer",
+    "JointDiffusionLoss",
+    "JointDiffusionPrepareBatch",
+    "LabelledBatchSampler",
     "LatentDiffusionPrepareBatch",
     "PriorPreservationLoss",
     "ReconstructionPrepareBatch",
+    "StrongLatentAugment",
     "apply_finetuned",
     "compute_scale_factor",
     "generate_prior_latents",
+    "labelled_split",
     "load_finetuned",
+    "mark_labelled",
     "prompt_with_token",
 ]

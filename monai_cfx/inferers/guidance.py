@@ -197,9 +197,21 @@ class ClassifierGuidanceHook(SamplingHook):
         return torch.where(kept, target, torch.zeros_like(target)), kept.to(target.dtype)
 
     @classmethod
-    def from_joint(cls, network: torch.nn.Module, scheduler: Any, target: torch.Tensor, **kwargs: Any):
+    def from_joint(
+        cls,
+        network: torch.nn.Module,
+        scheduler: Any,
+        target: torch.Tensor,
+        classifier_context: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
         """Guidance by the classifier of a joint diffusion/classifier network (``network.classify`` at ``t = 0``,
         e.g. :class:`~monai_cfx.networks.nets.JointDiffusionUNet`). Other arguments as the constructor.
+
+        Args:
+            classifier_context: the context the head was trained with, ``(1, L, D)`` (for a cross-attention UNet
+                :class:`~monai_cfx.engines.JointDiffusionPrepareBatch` uses the empty prompt's, never the report),
+                expanded to each batch; None for a network without conditioning.
 
         Raises:
             ValueError: "guidance on a network without a classifier" for a network without ``classify``.
@@ -209,7 +221,14 @@ class ClassifierGuidanceHook(SamplingHook):
                 f"guidance on a network without a classifier: `network` ({type(network).__name__}) has no "
                 "`classify` method; expected a JointDiffusionUNet (or pass a `classifier` callable)."
             )
-        return cls(network.classify, scheduler, target, **kwargs)
+        if classifier_context is None:
+            return cls(network.classify, scheduler, target, **kwargs)
+
+        def classify(latent: torch.Tensor) -> torch.Tensor:
+            context = classifier_context.to(latent).expand(latent.shape[0], *classifier_context.shape[1:])
+            return network.classify(latent, context=context)
+
+        return cls(classify, scheduler, target, **kwargs)
 
     def _loss(self, original_sample: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(original_sample)

@@ -259,6 +259,22 @@ class TestGuidanceOnTheLoop(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "guidance on a network without a classifier"):
             ClassifierGuidanceHook.from_joint(unet, scheduler, torch.tensor([[0.0, 1.0]]))
 
+    def test_from_joint_with_a_classifier_context(self):
+        # a cross-attention joint UNet classifies with the context it was trained with (the empty prompt's)
+        conditioning = {"with_conditioning": True, "cross_attention_dim": CONTEXT_DIM, "num_head_channels": 8}
+        shape = {"channels": (8, 8), "attention_levels": (False, True), "num_res_blocks": 1, "norm_num_groups": 4}
+        joint = JointDiffusionUNet(2, 2, 2, num_classes=2, classifier_hidden=8, **shape, **conditioning).eval()
+        scheduler = scheduler_of("epsilon", steps=3)
+        empty, text = torch.randn(1, 3, CONTEXT_DIM), torch.randn(2, 3, CONTEXT_DIM)
+        target = torch.tensor([[0.0, 1.0]])
+        hook = ClassifierGuidanceHook.from_joint(joint, scheduler, target, classifier_context=empty, guidance_scale=1.0)
+        noise = latent_of(2, seed=4)
+        with torch.no_grad():
+            expected = joint.classify(noise, context=empty.expand(2, -1, -1))
+        torch.testing.assert_close(hook.classifier(noise), expected)
+        guided = denoise(joint, scheduler, noise, context=text, hooks=[hook], verbose=False)
+        self.assertFalse(torch.equal(denoise(joint, scheduler, noise, context=text, verbose=False), guided))
+
 
 class TestGuidanceBadInput(unittest.TestCase):
     def setUp(self):
