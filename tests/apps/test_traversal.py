@@ -1,0 +1,91 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The trajectory traversal bundle's jobs on tiny networks: batching, the prompt checks, all-or-nothing writing."""
+
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.schedulers import DDIMScheduler
+
+from monai_cfx.apps.traversal import save_traversal, traverse
+from monai_cfx.inferers import TrajectoryTraversalInferer
+from tests.helpers import CONTEXT_DIM, tiny_networks
+
+
+class PromptEncoder:
+    """A prompt's context ``(1, 3, CONTEXT_DIM)`` drawn from a generator seeded by its length; the empty prompt's
+    is zeros (what the traversal jobs need of a ``TextEncoder``)."""
+
+    def __call__(self, prompts):
+        return torch.stack(
+            [torch.randn(3, CONTEXT_DIM, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
+        )
+
+    def null_context(self, batch_size):
+        return torch.zeros(batch_size, 3, CONTEXT_DIM)
+
+
+def inferer(start: str = "noise") -> TrajectoryTraversalInferer:
+    return TrajectoryTraversalInferer(DDIMScheduler(num_train_timesteps=100, clip_sample=False), 0.7,
+                                      num_inference_steps=6, swap_steps=[2, 4], num_frames=4, start=start)  # fmt: skip
+
+
+class TestTraverse(unittest.TestCase):
+    def setUp(self):
+        self.autoencoder, self.unet = tiny_networks(2)
+        self.text_encoder = PromptEncoder()
+
+    def test_batches_do_not_change_the_result(self):
+        run = {"seeds": [3, 4, 5], "latent_shape": (2, 8, 8)}
+        args = (self.unet, self.autoencoder, self.text_encoder, "normal", "effusion")
+        whole = traverse(inferer(), *args, batch_size=3, **run)
+        split = traverse(inferer(), *args, batch_size=2, **run)
+        for key in ("neutral_latent", "swap_latents", "frame_latents", "frames", "swap_images"):
+            torch.testing.assert_close(whole[key], split[key], atol=1e-5, rtol=1e-5, msg=key)
+        self.assertEqual(tuple(whole["frames"].shape), (4, 3, 1, 16, 16))
+        self.assertEqual(whole["swap_steps"], [4, 2])
+
+    def test_prompts_and_inputs_are_checked(self):
+        args = (self.unet, self.autoencoder, self.text_encoder)
+        with self.assertWarnsRegex(UserWarning, "equals `neutral_prompt`"):
+            traverse(inferer(), *args, "normal", "normal", seeds=[0], latent_shape=(2, 8, 8))
+        with self.assertRaisesRegex(ValueError, "`target_prompt`"):
+            traverse(inferer(), *args, "normal", "  ", seeds=[0], latent_shape=(2, 8, 8))
+        with self.assertRaisesRegex(ValueError, "either `seeds`"):
+            traverse(inferer(), *args, "normal", "effusion", seeds=[0], images=torch.rand(1, 1, 16, 16))
+        with self.assertRaisesRegex(ValueError, "start='image'"):
+            traverse(inferer(), *args, "normal", "effusion", images=torch.rand(1, 1, 16, 16))
+        with self.assertRaisesRegex(ValueError, "latent_shape"):
+            traverse(inferer(), *args, "normal", "effusion", seeds=[0])
+
+    def test_save_is_all_or_nothing(self):
+        run = traverse(inferer(), self.unet, self.autoencoder, self.text_encoder, "normal", "effusion", seeds=[1, 2],
+                       latent_shape=(2, 8, 8))  # fmt: skip
+        with tempfile.TemporaryDirectory() as root:
+            out = Path(root, "run")
+            with self.assertRaisesRegex(ValueError, "one name and one affine"):
+                save_traversal(run, out, ["a"], [np.eye(4)], {})
+            self.assertEqual(list(Path(root).iterdir()), [])  # nothing written, no temporary folder left
+            manifest = save_traversal(run, out, ["a", "b"], [np.eye(4)] * 2, {"neutral_prompt": "normal"})
+            self.assertEqual([t["name"] for t in manifest["trajectories"]], ["a", "b"])
+            self.assertNotIn("frame_probabilities", manifest["trajectories"][0])  # no oracle given
+            with self.assertRaises(FileExistsError):
+                save_traversal(run, out, ["a", "b"], [np.eye(4)] * 2, {})
+            self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+
+
+if __name__ == "__main__":
+    unittest.main()
