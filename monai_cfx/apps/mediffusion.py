@@ -1,0 +1,441 @@
+# Copyright (c) monai_cfx contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The Mediffusion bundle's jobs (Kaleta et al., arXiv 2411.09434): build the joint network from the latent diffusion
+bundle's UNet, wire the semi-supervised trainer's optional parts, publish the trained model, evaluate the head and
+explain a prediction by removing the findings the head sees with classifier guidance (the configs hold the
+choices; the mechanisms live in ``networks``, ``engines`` and ``inferers``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+
+from monai_cfx.engines import DiffMatchLoss, LabelledBatchSampler, StrongLatentAugment
+from monai_cfx.inferers import ClassifierGuidanceHook, CounterfactualInferer
+from monai_cfx.networks.nets import JointDiffusionUNet
+from monai_cfx.networks.utils import encode_mean
+from monai_cfx.transforms import DifferenceMap
+from monai_cfx.utils import (
+    atomic_directory,
+    atomic_path,
+    check_writable,
+    load_weights,
+    write_json,
+    write_metrics,
+    write_nifti,
+)
+from monai_cfx.visualize import plot_image_strip
+
+__all__ = [
+    "check_training_outputs",
+    "diffmatch_parts",
+    "evaluate_head",
+    "explain_predictions",
+    "head_output",
+    "head_probabilities",
+    "joint_network",
+    "labelled_batch_sampler",
+    "load_images",
+    "load_joint_network",
+    "publish_model",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _unet_arguments(unet_config: Any) -> dict[str, Any]:
+    """The keyword arguments of a ``DiffusionModelUNet`` config (a MONAI ``ConfigComponent`` or a mapping), without
+    the config's own ``_target_``-style keys."""
+    resolve = getattr(unet_config, "resolve_args", None)
+    arguments = resolve() if callable(resolve) else unet_config
+    if not isinstance(arguments, Mapping):
+        raise ValueError(f"`unet_config` must be a DiffusionModelUNet config, got {type(unet_config).__name__}.")
+    return {key: value for key, value in arguments.items() if not str(key).startswith("_")}
+
+
+def joint_network(
+    unet_config: Any,
+    num_classes: int,
+    classifier_hidden: int = 2048,
+    classifier_dropout: float = 0.3,
+    pretrained_path: str | os.PathLike | None = None,
+) -> JointDiffusionUNet:
+    """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the arguments of a plain ``DiffusionModelUNet``
+    config (the latent diffusion bundle's ``diffusion_def``) and a head of ``num_classes`` outputs, initialised from
+    the plain UNet checkpoint ``pretrained_path`` (``load_unet_state_dict``: every UNet key must fit, only the head
+    is new) when given.
+
+    Raises:
+        FileNotFoundError: when ``pretrained_path`` does not exist.
+        ValueError: for a checkpoint of another UNet, or whose head does not fit ``num_classes``.
+    """
+    network = JointDiffusionUNet(
+        **_unet_arguments(unet_config),
+        num_classes=num_classes,
+        classifier_hidden=classifier_hidden,
+        classifier_dropout=classifier_dropout,
+    )
+    if pretrained_path is None:
+        return network
+    path = Path(pretrained_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`pretrained_path` {str(path)!r} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    try:
+        new_keys = network.load_unet_state_dict(state)
+    except ValueError as error:
+        raise ValueError(f"`pretrained_path` {str(path)!r}: {error}") from error
+    logger.info(f"initialised the joint network from {str(path)!r}; new (trained from scratch): {new_keys}")
+    return network
+
+
+def load_joint_network(
+    unet_config: Any,
+    num_classes: int,
+    path: str | os.PathLike,
+    classifier_hidden: int = 2048,
+    classifier_dropout: float = 0.3,
+) -> JointDiffusionUNet:
+    """A trained joint network (:func:`joint_network`'s architecture) with the weights at ``path`` (a state dict,
+    or an ignite checkpoint holding it under ``"model"``), every key required, in ``eval()`` mode.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: for a checkpoint whose head does not fit ``num_classes`` (the message names it), or of another
+            network (a plain UNet without a head, another UNet).
+    """
+    network = joint_network(unet_config, num_classes, classifier_hidden, classifier_dropout)
+    return load_weights(network, path, key="model").eval()
+
+
+def labelled_batch_sampler(
+    labelled_indices: Sequence[int],
+    unlabelled_indices: Sequence[int],
+    batch_size: int,
+    labelled_batch_fraction: float = 0.25,
+    seed: int = 0,
+) -> LabelledBatchSampler:
+    """A :class:`~monai_cfx.engines.LabelledBatchSampler` of ``batch_size`` items, ``labelled_batch_fraction`` of
+    them labelled (rounded, at least 1); every item labelled when there is no unlabelled index (fraction 1).
+
+    Raises:
+        ValueError: for a ``batch_size`` below 2 with unlabelled items, or a ``labelled_batch_fraction`` outside
+            (0, 1).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+    if not unlabelled_indices:
+        return LabelledBatchSampler(labelled_indices, [], batch_size, 0, seed=seed)
+    valid = isinstance(labelled_batch_fraction, Real) and not isinstance(labelled_batch_fraction, bool)
+    if not valid or not 0.0 < labelled_batch_fraction < 1.0:
+        raise ValueError(f"`labelled_batch_fraction` must be in (0, 1), got {labelled_batch_fraction!r}.")
+    if batch_size < 2:
+        raise ValueError(f"`batch_size` must be >= 2 to hold labelled and unlabelled items, got {batch_size}.")
+    labelled = min(batch_size - 1, max(1, round(labelled_batch_fraction * batch_size)))
+    unlabelled = min(batch_size - labelled, len(unlabelled_indices))
+    return LabelledBatchSampler(labelled_indices, unlabelled_indices, labelled, unlabelled, seed=seed)
+
+
+def diffmatch_parts(
+    enabled: bool,
+    threshold: float = 0.95,
+    weight: float = 1.0,
+    noise_std: float = 0.3,
+    feature_dropout: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """DiffMatch's strong view and loss (``{"strong_augment", "loss"}``), or ``None`` for both when not
+    ``enabled``: what :class:`~monai_cfx.engines.JointDiffusionInferer` and
+    :class:`~monai_cfx.engines.JointDiffusionLoss` take."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"`diffmatch` must be a bool (on the command line: --diffmatch True), got {enabled!r}.")
+    if not enabled:
+        return {"strong_augment": None, "loss": None}
+    return {
+        "strong_augment": StrongLatentAugment(noise_std=noise_std, feature_dropout=feature_dropout, seed=seed),
+        "loss": DiffMatchLoss(threshold=threshold, weight=weight),
+    }
+
+
+def head_output(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``output_transform`` of a classification metric (MONAI's ``ROCAUC``) on an evaluator that runs
+    :class:`~monai_cfx.engines.JointDiffusionInferer` (``decollate=False``): the head's probabilities ``(B, K)``
+    and the labels ``(B, K)``."""
+    logits = output["pred"][1]
+    label = output["label"]["label"]
+    return torch.sigmoid(logits.float()).detach(), label.reshape(logits.shape).float()
+
+
+def check_training_outputs(output_dir: str | os.PathLike, model_path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any training, a run folder or a published model that exists (unless ``overwrite``)."""
+    check_writable(model_path, overwrite)
+    if Path(output_dir).exists() and not overwrite:
+        raise FileExistsError(f"output folder {str(output_dir)!r} exists; pass --overwrite True to replace it.")
+
+
+def publish_model(
+    checkpoint_path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    results: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    record_path: str | os.PathLike,
+    overwrite: bool = False,
+) -> Path:
+    """Copy the best checkpoint of a run onto ``model_path`` atomically (never over an existing file unless
+    ``overwrite``) and write the run's ``results`` (best validation AUROC, the split) with its ``settings`` as JSON
+    at ``record_path`` (:func:`~monai_cfx.utils.write_metrics`: an undefined AUROC is written as null).
+
+    Raises:
+        FileNotFoundError: when the run saved no best checkpoint (no validation ran).
+        FileExistsError: when ``model_path`` exists and ``overwrite`` is False.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(
+            f"no best checkpoint at {str(checkpoint_path)!r}: the validation never ran (check `val_interval`)."
+        )
+    with atomic_path(model_path, overwrite) as tmp:
+        shutil.copyfile(checkpoint_path, tmp)
+    write_metrics(results, record_path, settings=settings, overwrite=overwrite)
+    logger.info(f"published the best model (by validation AUROC) at {str(model_path)!r}")
+    return Path(model_path)
+
+
+def load_images(
+    datalist: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    data_list_key: str,
+    image_size: int,
+    spatial_dims: int,
+    num_items: int | None = None,
+    require_labels: bool = False,
+) -> dict[str, Any]:
+    """The images of a MONAI datalist's ``data_list_key`` items (the first ``num_items``), checked:
+    ``{"images", "affines", "names", "labels"}`` (``labels`` ``(N, K)``, or ``None`` when an item has none).
+
+    Raises:
+        FileNotFoundError: when the datalist does not exist.
+        ValueError: for no items, a ``num_items`` below 1, an image that is not one channel of the model's size (the
+            message names the file), or missing labels when ``require_labels``.
+    """
+    from monai.data import load_decathlon_datalist
+
+    from monai_cfx.apps.traversal import load_scans
+
+    if not Path(datalist).is_file():
+        raise FileNotFoundError(f"datalist {str(datalist)!r} not found.")
+    if num_items is not None and (isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1):
+        raise ValueError(f"`num_items` must be an int >= 1 or null, got {num_items!r}.")
+    items = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=data_list_key, base_dir=dataset_dir)
+    items = items[:num_items] if num_items is not None else items
+    if not items:
+        raise ValueError(f"datalist {str(datalist)!r} has no {data_list_key!r} items.")
+    images, affines = load_scans(items, image_size, spatial_dims)
+    names = [Path(item["image"]).name.split(".")[0] for item in items]
+    if len(set(names)) < len(names):
+        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]
+    labelled = all("label" in item for item in items)
+    if require_labels and not labelled:
+        missing = [index for index, item in enumerate(items) if "label" not in item]
+        raise ValueError(f"datalist {str(datalist)!r}: {data_list_key} items {missing[:5]} have no 'label'.")
+    labels = (
+        torch.stack([torch.as_tensor(item["label"], dtype=torch.float32).reshape(-1) for item in items])
+        if labelled
+        else None
+    )
+    return {"images": images, "affines": affines, "names": names, "labels": labels}
+
+
+@torch.no_grad()
+def head_probabilities(
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    scale_factor: float,
+    context: torch.Tensor | None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The head's probabilities ``(N, K)`` of ``images`` ``(N, C, *spatial)``: posterior mean times
+    ``scale_factor``, ``classify`` at ``t = 0`` with ``context`` ``(1, L, D)`` (the empty prompt's, as the head was
+    trained) expanded to each batch."""
+    network, autoencoder = network.to(device).eval(), autoencoder.to(device).eval()
+    probabilities = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        latent = encode_mean(autoencoder, batch) * scale_factor
+        batch_context = None if context is None else context.to(latent).expand(len(batch), *context.shape[1:])
+        probabilities.append(torch.sigmoid(network.classify(latent, context=batch_context)).float().cpu())
+    return torch.cat(probabilities)
+
+
+def _auroc(probabilities: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str]) -> dict[str, Any]:
+    """Per-finding AUROC (every class kept; NaN, written as null, where a finding has one class only) and their
+    mean over the defined ones."""
+    aurocs = np.atleast_1d(np.asarray(compute_roc_auc(probabilities, labels.float(), average="none"), dtype=float))
+    defined = aurocs[np.isfinite(aurocs)]
+    return {
+        "auroc": {name: float(value) for name, value in zip(label_names, aurocs)},
+        "auroc_macro": float(defined.mean()) if len(defined) else math.nan,
+        "num_findings_defined": int(len(defined)),
+    }
+
+
+def evaluate_head(
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    label_names: Sequence[str],
+    scale_factor: float,
+    context: torch.Tensor | None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Per-finding and macro AUROC (MONAI's ``compute_roc_auc``) of the joint network's head on labelled images,
+    with the positive count of each finding and the accuracy at 0.5.
+
+    Raises:
+        ValueError: when the labels do not have one column per finding of ``label_names``.
+    """
+    labels = torch.as_tensor(labels).float().reshape(len(images), -1)
+    if labels.shape[1] != len(label_names):
+        raise ValueError(f"the labels have {labels.shape[1]} findings, `label_names` {len(label_names)}.")
+    probabilities = head_probabilities(network, autoencoder, images, scale_factor, context, batch_size, device)
+    if probabilities.shape[1] != len(label_names):
+        raise ValueError(
+            f"the head gives {probabilities.shape[1]} outputs, `label_names` names {len(label_names)} findings."
+        )
+    accuracy = ((probabilities > 0.5) == (labels > 0.5)).float().mean(0)
+    return {
+        "num_images": int(len(images)),
+        **_auroc(probabilities, labels, label_names),
+        "positives": {name: int(count) for name, count in zip(label_names, (labels > 0.5).sum(0).tolist())},
+        "accuracy_at_0.5": {name: float(value) for name, value in zip(label_names, accuracy.tolist())},
+    }
+
+
+def _removal_target(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Classifier guidance targets: 0 (remove) for the findings predicted (``p > threshold``), NaN (leave) else."""
+    return torch.where(
+        probabilities > threshold, torch.zeros_like(probabilities), torch.full_like(probabilities, math.nan)
+    )
+
+
+def explain_predictions(
+    inferer: CounterfactualInferer,
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    text_encoder: Any,
+    inputs: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    scale_factor: float,
+    label_names: Sequence[str],
+    guidance_scale: float = 100.0,
+    prompt: str = "",
+    decision_threshold: float = 0.5,
+    through_denoiser: bool = False,
+    difference: DifferenceMap | None = None,
+    settings: Mapping[str, Any] | None = None,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Explain the head's predictions: for each image, the probabilities; every finding predicted
+    (``p > decision_threshold``) is removed with ``inferer`` (a :class:`~monai_cfx.inferers.CounterfactualInferer`)
+    plus :meth:`ClassifierGuidanceHook.from_joint <monai_cfx.inferers.ClassifierGuidanceHook.from_joint>` (targets 0
+    for the predicted findings, NaN for the others; the classifier reads the empty prompt's context, as it was
+    trained). The denoiser is conditioned on ``prompt`` (default the empty prompt: the finding is removed by the
+    classifier alone); the inversion runs under the empty prompt. An image with no predicted finding gets the
+    inversion's reconstruction (no gradient).
+
+    Writes into ``output_dir``, all together or not at all: ``<name>_counterfactual.nii.gz`` and
+    ``<name>_difference.nii.gz`` (signed image minus counterfactual) with the input's affine, ``<name>_panel.png``
+    in 2D (image, counterfactual, ``difference``'s map), and ``explanations.json`` with the probabilities before and
+    after, the findings removed and the settings.
+
+    Args:
+        inputs: ``{"images": (N, C, *spatial), "affines": [...], "names": [...], "labels": (N, K) or None}``.
+        difference: the panel's map (default: absolute, normalised).
+
+    Returns:
+        the record written to ``explanations.json``.
+    """
+    images, affines, names = inputs["images"], inputs["affines"], list(inputs["names"])
+    if not len(images) == len(affines) == len(names):
+        raise ValueError(f"give one affine and name per image ({len(images)}), got {len(affines)} and {len(names)}.")
+    difference = difference or DifferenceMap(mode="absolute", normalize=True)
+    network = network.to(device).eval()
+    autoencoder = autoencoder.to(device).eval()
+    with torch.no_grad():
+        empty = text_encoder.null_context(1).to(device)
+        conditioning = text_encoder([prompt]).to(device)
+    before = head_probabilities(network, autoencoder, images, scale_factor, empty, batch_size, device)
+    counterfactuals = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        target = _removal_target(before[start : start + batch_size], decision_threshold).to(device)
+        hook = ClassifierGuidanceHook.from_joint(
+            network,
+            inferer.scheduler,
+            target,
+            classifier_context=empty,
+            guidance_scale=guidance_scale,
+            through_denoiser=through_denoiser,
+        )
+        counterfactuals.append(inferer(batch, network, autoencoder, conditioning, empty, hooks=[hook]).cpu())
+    counterfactual = torch.cat(counterfactuals).float()
+    after = head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device)
+    spatial_dims = images.ndim - 2
+    records = []
+    with atomic_directory(output_dir, overwrite) as folder:
+        for index, (name, affine) in enumerate(zip(names, affines)):
+            image, edited = images[index].float().cpu(), counterfactual[index]
+            removed = [label_names[k] for k in np.flatnonzero(before[index].numpy() > decision_threshold)]
+            files = {"counterfactual": f"{name}_counterfactual.nii.gz", "difference": f"{name}_difference.nii.gz"}
+            write_nifti(edited.numpy(), affine, folder / files["counterfactual"])
+            write_nifti((image - edited).numpy(), affine, folder / files["difference"])
+            if spatial_dims == 2:
+                files["panel"] = f"{name}_panel.png"
+                plot_image_strip(
+                    torch.stack([image.clamp(0, 1), edited.clamp(0, 1), torch.as_tensor(difference(image, edited))]),
+                    ["image", "counterfactual", "difference"],
+                    folder / files["panel"],
+                    suptitle=f"{name}: removed {', '.join(removed) or 'nothing'}",
+                )
+            record: dict[str, Any] = {
+                "name": name,
+                "files": files,
+                "probabilities_before": dict(zip(label_names, before[index].tolist())),
+                "probabilities_after": dict(zip(label_names, after[index].tolist())),
+                "removed": removed,
+            }
+            labels = inputs.get("labels")
+            if labels is not None:
+                record["labels"] = dict(zip(label_names, [float(v) for v in labels[index]]))
+            records.append(record)
+        manifest = {"settings": dict(settings or {}), "label_names": list(label_names), "items": records}
+        write_json(manifest, folder / "explanations.json")
+    return manifest
