@@ -384,33 +384,14 @@ class JointDiffusionPrepareBatch(LatentDiffusionPrepareBatch):
 
     def __init__(
         self,
-        autoencoder: torch.nn.Module,
-        text_encoder: Any,
-        num_train_timesteps: int,
-        scale_factor: float | torch.Tensor = 1.0,
-        scheduler: Scheduler | None = None,
-        prediction_type: str = "epsilon",
-        text_key: str = "report",
-        condition_drop_prob: float = 0.1,
-        seed: int = 0,
-        image_key: str = "image",
+        *args: Any,
         label_key: str = "label",
         labelled_key: str | None = "labelled",
         classifier_prompt: str | None = "",
         classifier_latent: str = "sample",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            autoencoder,
-            text_encoder,
-            num_train_timesteps,
-            scale_factor=scale_factor,
-            scheduler=scheduler,
-            prediction_type=prediction_type,
-            text_key=text_key,
-            condition_drop_prob=condition_drop_prob,
-            seed=seed,
-            image_key=image_key,
-        )
+        super().__init__(*args, **kwargs)
         self.label_key = label_key
         self.labelled_key = labelled_key
         self.classifier_prompt = classifier_prompt

@@ -14,10 +14,8 @@ couple of iterations: train (2D and 3D, DiffMatch), evaluate the head, explain p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 
 from monai_cfx.data import ensure_phantom_datalist, phantom_affine
-from tests.helpers import BUNDLES, check_ok, verify_metadata
+from tests.helpers import BUNDLES, check_ok, run_relocated, verify_metadata
 
 BUNDLE = BUNDLES / "mediffusion"
 # a couple of iterations of 4 items; a quarter of the tiny training split labelled (enough to cover every finding)
@@ -36,12 +34,7 @@ TINY_EXPLAIN = ["--num_items", "2", "--num_inference_steps", "10", "--batch_size
 
 
 def run(configs, *overrides, cwd) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` from ``cwd`` (not the bundle's folder), with ``--bundle_root``."""
-    config_file = str([str(BUNDLE / "configs" / name) for name in configs])
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", config_file]
-    cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_relocated(BUNDLE, configs, *overrides, cwd=cwd)
 
 
 class MediffusionCase(unittest.TestCase):

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -29,19 +28,14 @@ from PIL import Image
 
 from monai_cfx.data import generate_phantom, phantom_affine
 from monai_cfx.utils import write_json, write_nifti
-from tests.helpers import BUNDLES, check_ok, verify_metadata
+from tests.helpers import BUNDLES, check_ok, run_relocated, verify_metadata
 
 BUNDLE = BUNDLES / "trajectory_traversal"
 FAST = ["--num_inference_steps", "10", "--swap_steps", "[2, 5, 8]", "--num_frames", "6"]
 
 
 def run(configs, *overrides, cwd) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` from ``cwd`` (not the bundle's folder), with ``--bundle_root``."""
-    config_file = str([str(BUNDLE / "configs" / name) for name in configs])
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", config_file]
-    cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return run_relocated(BUNDLE, configs, *overrides, cwd=cwd)
 
 
 class TraversalCase(unittest.TestCase):
