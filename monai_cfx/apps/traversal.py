@@ -234,9 +234,24 @@ def traverse(
     return out
 
 
-def _probabilities(oracle: torch.nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """Oracle probabilities ``(N, K, A)`` of images ``(K, N, C, *spatial)``."""
-    probabilities, _ = oracle_predict(oracle, images.reshape(-1, *images.shape[2:]), device=device)
+def _probabilities(
+    classifier: Any, images: torch.Tensor, device: str | torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    """Attribute probabilities ``(N, K, A)`` of images ``(K, N, C, *spatial)``: the sigmoid of an oracle's logits
+    (a module with ``logits_and_embedding``, e.g. ``FindingClassifier``), or what any other callable
+    ``classifier(images) -> probabilities (B, A)`` returns."""
+    flat = images.reshape(-1, *images.shape[2:])
+    if hasattr(classifier, "logits_and_embedding"):
+        probabilities, _ = oracle_predict(classifier, flat, device=device)
+    else:
+        with torch.no_grad():
+            parts = [classifier(flat[i : i + batch_size].to(device)) for i in range(0, len(flat), batch_size)]
+        probabilities = torch.cat([torch.as_tensor(part).float().cpu() for part in parts])
+        if probabilities.ndim != 2 or probabilities.shape[0] != len(flat):
+            raise ValueError(
+                f"`classifier` must return probabilities (B, attributes), got shape {tuple(probabilities.shape)} for "
+                f"{len(flat)} images."
+            )
     return probabilities.reshape(images.shape[0], images.shape[1], -1).transpose(0, 1)
 
 
@@ -349,6 +364,7 @@ def evaluate_traversal(
     num_scans: int = 0,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    classifier: Any = None,
 ) -> dict[str, Any]:
     """Measure traversals over ``num_seeds`` seeds for each attribute pair (arXiv 2503.23623 and beyond).
 
@@ -367,10 +383,14 @@ def evaluate_traversal(
       ``seed + 50_000 + i``): SSIM of the λ-latest swap to the input, and the fraction with the finding at the
       earliest swap.
 
+    The attribute probabilities come from ``classifier`` when given (any callable ``images -> probabilities
+    (B, A)`` in ``label_names`` order), else from the oracle; FID always uses the oracle's embeddings.
+
     Returns:
         ``{"num_seeds", "settings", "pairs": {name: {...}}}``.
     """
     label_names = list(label_names)
+    judge = oracle if classifier is None else classifier
     seeds = list(range(seed, seed + num_seeds))
     reference = torch.stack(
         [
@@ -391,8 +411,8 @@ def evaluate_traversal(
         seconds = time.perf_counter() - start
         swap_steps = run["swap_steps"]
         frames = run["frames"]  # (F, N, C, ...)
-        frame_probabilities = _probabilities(oracle, frames, device)  # (N, F, A)
-        swap_probabilities = _probabilities(oracle, run["swap_images"], device)  # (N, Λ, A)
+        frame_probabilities = _probabilities(judge, frames, device)  # (N, F, A)
+        swap_probabilities = _probabilities(judge, run["swap_images"], device)  # (N, Λ, A)
         cfrt_bezier, _ = compute_cfrt(frame_probabilities, target, bezier_window)
         low, high = swap_window
         in_window = [k for k, step in enumerate(swap_steps) if low <= step <= high]
@@ -403,7 +423,7 @@ def evaluate_traversal(
         cosine = compute_latent_direction_cosine(run["neutral_latent"], run["swap_latents"])
         linear_latents = linear_path(run["neutral_latent"], run["swap_latents"][-1], frames.shape[0])
         linear_frames = inferer.decode(linear_latents.to(device), autoencoder_model.to(device)).clamp(0, 1).cpu()
-        linear_probabilities = _probabilities(oracle, linear_frames, device)
+        linear_probabilities = _probabilities(judge, linear_frames, device)
         distances = {
             name: distribution_distances(images.reshape(-1, *images.shape[2:]), reference, oracle, device, seed=seed)
             for name, images in (("bezier", frames), ("linear", linear_frames))
@@ -456,7 +476,7 @@ def evaluate_traversal(
                     encode_mean(autoencoder_model, scans.to(device))
                 ).clamp(0, 1)
             floor = compute_identity_preservation(reconstruction.cpu()[None], scans)["ssim"][0]
-            scan_probabilities = _probabilities(oracle, scan_run["swap_images"], device)
+            scan_probabilities = _probabilities(judge, scan_run["swap_images"], device)
             record["scan"] = {
                 "num_scans": num_scans,
                 "latest_swap_ssim_to_input": float(ssim.mean()),

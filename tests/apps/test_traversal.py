@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_cfx.apps.traversal import save_traversal, traverse
+from monai_cfx.apps.traversal import evaluate_traversal, save_traversal, traverse
 from monai_cfx.inferers import TrajectoryTraversalInferer
-from tests.helpers import CONTEXT_DIM, tiny_networks
+from tests.helpers import CONTEXT_DIM, ProjectionOracle, tiny_networks
 
 
 class PromptEncoder:
@@ -85,6 +85,29 @@ class TestTraverse(unittest.TestCase):
             with self.assertRaises(FileExistsError):
                 save_traversal(run, out, ["a", "b"], [np.eye(4)] * 2, {})
             self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+
+
+class TestEvaluate(unittest.TestCase):
+    def test_any_classifier_judges_the_attributes(self):
+        autoencoder, unet = tiny_networks(2)
+
+        def brightness(images):  # attribute 0: mean intensity; attribute 1: its opposite
+            p = images.flatten(1).mean(1, keepdim=True).clamp(0, 1)
+            return torch.cat([p, 1 - p], dim=1)
+
+        common = {"kind": "chest", "latent_shape": (2, 16, 16), "image_size": 32, "num_seeds": 2,
+                  "num_reference_images": 4, "bezier_window": (2, 4), "swap_window": (2, 4)}  # fmt: skip
+        pairs = [{"finding": "bright", "neutral_prompt": "normal", "target_prompt": "bright"}]
+        args = (inferer(), unet, autoencoder, PromptEncoder(), ProjectionOracle(32 * 32))
+        metrics = evaluate_traversal(*args, ["bright", "dark"], pairs, classifier=brightness, **common)
+        pair = metrics["pairs"]["bright"]
+        self.assertEqual(len(pair["bezier_target_probability"]), 4)
+        self.assertTrue(0.0 <= pair["cfrt_bezier"] <= 1.0)
+        self.assertIsNotNone(pair["bezier_fid"])  # FID from the oracle's embeddings
+        with self.assertRaisesRegex(ValueError, "probabilities"):
+            evaluate_traversal(*args, ["bright", "dark"], pairs, classifier=lambda x: x.flatten(), **common)
+        with self.assertRaisesRegex(ValueError, "finding"):
+            evaluate_traversal(*args, ["a", "b"], pairs, classifier=brightness, **common)
 
 
 if __name__ == "__main__":
