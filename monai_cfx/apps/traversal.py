@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+# intensities a little outside [0, 1] (interpolation, rounding of a written file) are still the model's range
+INTENSITY_TOLERANCE = 1e-3
+
+
 def _check_prompts(neutral_prompt: Any, target_prompt: Any) -> None:
     for name, prompt in (("neutral_prompt", neutral_prompt), ("target_prompt", target_prompt)):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -64,8 +68,8 @@ def load_scans(items: Sequence[Mapping[str, Any]], image_size: int, spatial_dims
     """Load the ``image`` of each datalist item as ``(N, 1, *[image_size] * spatial_dims)`` with its affine.
 
     Raises:
-        ValueError: when there is no item, or an image is not one channel of the model's size (the error names the
-            file and what was expected).
+        ValueError: when there is no item, or an image is not one channel of the model's size, holds NaN or Inf, or
+            has intensities outside [0, 1] (the error names the file and what was expected).
     """
     from monai.transforms import EnsureChannelFirst, LoadImage
 
@@ -83,6 +87,12 @@ def load_scans(items: Sequence[Mapping[str, Any]], image_size: int, spatial_dims
             )
         if not bool(torch.isfinite(image.as_tensor()).all()):
             raise ValueError(f"scan {item['image']!r} holds NaN or Inf values.")
+        low, high = float(image.min()), float(image.max())
+        if low < -INTENSITY_TOLERANCE or high > 1.0 + INTENSITY_TOLERANCE:
+            raise ValueError(
+                f"scan {item['image']!r} has intensities in [{low:g}, {high:g}], but this bundle's model takes [0, 1]: "
+                "rescale it first (e.g. MONAI's ScaleIntensityRange with the scanner's window)."
+            )
         images.append(image.as_tensor().float())
         affines.append(np.asarray(image.affine))
     return torch.stack(images), affines
@@ -110,6 +120,9 @@ def traversal_inputs(
         valid = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0
         if not valid or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):  # type: ignore
             raise ValueError(f"`seeds` must be a non-empty list of ints when no datalist is given, got {seeds!r}.")
+        repeated = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})  # type: ignore[union-attr]
+        if repeated:
+            raise ValueError(f"`seeds` must not repeat a seed (each names its own outputs), got {repeated} twice.")
         return {"seeds": [int(s) for s in seeds], "scans": None}  # type: ignore[union-attr]
     path = Path(datalist)
     if not path.is_file():
@@ -391,6 +404,19 @@ def evaluate_traversal(
     """
     label_names = list(label_names)
     judge = oracle if classifier is None else classifier
+    # every choice is checked before the first (minutes-long) traversal
+    start, end = (int(v) for v in bezier_window)
+    if not 1 <= start < end <= inferer.num_frames:
+        raise ValueError(
+            f"`bezier_window` must be (start, end) with 1 <= start < end <= {inferer.num_frames} (the frames), "
+            f"got {tuple(bezier_window)}."
+        )
+    low, high = swap_window
+    if not any(low <= step <= high for step in inferer.swap_steps):
+        raise ValueError(f"`swap_window` {tuple(swap_window)} holds none of the swap steps {inferer.swap_steps}.")
+    unknown = [pair.get("finding") for pair in pairs if pair.get("finding") not in label_names]
+    if not pairs or unknown:
+        raise ValueError(f"`pairs` must name findings of the classifier {label_names}, got {unknown or pairs!r}.")
     seeds = list(range(seed, seed + num_seeds))
     reference = torch.stack(
         [
@@ -401,8 +427,6 @@ def evaluate_traversal(
     results: dict[str, Any] = {}
     for pair in pairs:
         finding = pair["finding"]
-        if finding not in label_names:
-            raise ValueError(f"pair finding {finding!r} is not one of the oracle's findings {label_names}.")
         target = label_names.index(finding)
         start = time.perf_counter()
         run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, pair["neutral_prompt"],
@@ -414,10 +438,7 @@ def evaluate_traversal(
         frame_probabilities = _probabilities(judge, frames, device)  # (N, F, A)
         swap_probabilities = _probabilities(judge, run["swap_images"], device)  # (N, Λ, A)
         cfrt_bezier, _ = compute_cfrt(frame_probabilities, target, bezier_window)
-        low, high = swap_window
         in_window = [k for k, step in enumerate(swap_steps) if low <= step <= high]
-        if not in_window:
-            raise ValueError(f"`swap_window` {tuple(swap_window)} holds none of the swap steps {swap_steps}.")
         swap_trajectory = torch.cat([frame_probabilities[:, :1], swap_probabilities[:, in_window]], dim=1)
         cfrt_swaps, _ = compute_cfrt(swap_trajectory, target, frame_window=None)
         cosine = compute_latent_direction_cosine(run["neutral_latent"], run["swap_latents"])

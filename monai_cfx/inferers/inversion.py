@@ -75,7 +75,8 @@ def ddim_invert(
 
     Args:
         model: network with MONAI ``DiffusionModelUNet``'s contract ``model(x, timesteps, context=None,
-            class_labels=None) -> Tensor``, ``timesteps`` being a long tensor of shape ``(batch,)``.
+            class_labels=None) -> Tensor``; ``timesteps`` is passed as MONAI's ``DiffusionInferer.sample`` passes it,
+            a float tensor of shape ``(1,)`` that broadcasts over the batch.
         scheduler: MONAI ``DDIMScheduler``; ``set_timesteps(num_inference_steps)`` is called on it.
         latent: clean sample, float tensor ``(B, C, H, W)`` or ``(B, C, H, W, D)``.
         num_inference_steps: number of DDIM steps ``N`` of the full schedule, in ``[1, num_train_timesteps]``.
@@ -88,10 +89,11 @@ def ddim_invert(
             sample and the (guided) model output.
         return_trajectory: also return the list of samples ``[latent, x_1, ..., x_k]``.
         verbose: show a tqdm progress bar (if tqdm is installed).
-        fixed_point_iterations: extra model evaluations per step that re-solve ``x_t = inverse(x_p, model(x_t, t))``
-            by fixed-point iteration (as in Pan et al. 2023, "Effective real image editing with accelerated
-            iterative diffusion inversion"), removing the one-level-early approximation: each iteration costs one
-            more model call per step and shrinks the round-trip error. 0 is plain DDIM inversion.
+        fixed_point_iterations: extra model evaluations per step (``after_model`` hooks see each) that re-solve
+            ``x_t = inverse(x_p, model(x_t, t))`` by fixed-point iteration (as in Pan et al. 2023, "Effective real
+            image editing with accelerated iterative diffusion inversion"), removing the one-level-early
+            approximation: each iteration costs one more model call per step and shrinks the round-trip error. 0 is
+            plain DDIM inversion.
         timestep_spacing: ``"linspace"`` (MONAI's), ``"leading"`` or ``"trailing"``
             (:func:`~monai_cfx.networks.schedulers.set_timestep_spacing`); sampling back must use the same schedule,
             which this call leaves on ``scheduler``.

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from monai.utils import optional_import
 
+from monai_cfx.networks.schedulers import DDIMInverseScheduler
 from monai_cfx.utils import check_finite
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -331,8 +332,9 @@ def denoise(
         start_step: index into ``timesteps`` of the first step to run, with ``sample`` the sample after the step
             before it (e.g. a :class:`KeepSamples` snapshot): continuations that share a prefix of steps. Step
             indices seen by hooks count from the start of ``timesteps``.
-        fixed_point_iterations: extra network calls per step that re-solve the step at the model output of its
-            own result (the implicit step; Pan et al. 2023 for DDIM inversion). 0 is the plain step.
+        fixed_point_iterations: with a ``DDIMInverseScheduler`` only: extra network calls per step that re-solve the
+            step at the model output of its own result (the implicit step; Pan et al. 2023). 0 is the plain step.
+            ``after_model`` hooks run after every one of these calls (``before_model`` once per step).
         progress_description: the progress bar's label.
 
     Returns:
@@ -340,8 +342,9 @@ def denoise(
 
     Raises:
         ValueError: for a sample that is not a finite float 4D/5D tensor, a non-finite ``guidance_scale``,
-            ``uncond_context`` without ``context``, conditioning of another batch size or shape, ``start_step``
-            outside ``[0, len(timesteps)]`` or a negative ``fixed_point_iterations``.
+            ``uncond_context`` without ``context``, conditioning of another batch size or shape, no timesteps,
+            ``start_step`` outside ``[0, len(timesteps)]``, or ``fixed_point_iterations`` that are negative or
+            given to a sampling scheduler.
 
     Example::
 
@@ -350,6 +353,13 @@ def denoise(
                          guidance_scale=3.0)
     """
     timesteps = scheduler.timesteps if timesteps is None else timesteps
+    if len(timesteps) == 0:
+        raise ValueError("`timesteps` must hold at least one timestep, got none (e.g. an empty tail of the schedule).")
+    if fixed_point_iterations and not isinstance(scheduler, DDIMInverseScheduler):
+        raise ValueError(
+            f"`fixed_point_iterations` ({fixed_point_iterations!r}) re-solve an implicit step: they are for DDIM "
+            f"inversion (a DDIMInverseScheduler), not for sampling with {type(scheduler).__name__}; use 0."
+        )
     checked = check_loop_inputs(
         sample,
         len(timesteps),

@@ -59,8 +59,8 @@ class PromptSwapHook(SamplingHook):
 
     Args:
         swap_step: the first step index (0-based, counted from the start of the schedule) run with ``context``.
-        context: the target prompt's context ``(B, L, D)``.
-        uncond_context: an optional new unconditional context from the same step.
+        context: the target prompt's context ``(B or 1, L, D)``.
+        uncond_context: an optional new unconditional context from the same step, ``(B or 1, L, D)``.
 
     Example::
 
@@ -77,9 +77,11 @@ class PromptSwapHook(SamplingHook):
 
     def before_model(self, state: SamplingState) -> None:
         if state.step_index >= self.swap_step:
-            state.context = self.context
+            batch_size = state.sample.shape[0]
+            # one prompt for the batch broadcasts, as the loop's own conditioning does
+            state.context = self.context.expand(batch_size, *self.context.shape[1:])
             if self.uncond_context is not None:
-                state.uncond_context = self.uncond_context
+                state.uncond_context = self.uncond_context.expand(batch_size, *self.uncond_context.shape[1:])
 
 
 def _check_control_points(control_points: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +199,8 @@ class TrajectoryTraversalInferer(Inferer):
 
     Raises:
         ValueError: for a scheduler other than DDIM, an empty or duplicate λ list, a λ outside ``[0, N)``, a
-            non-finite guidance scale or fewer than 2 frames.
+            non-finite guidance scale, fewer than 2 frames, or trailing spacing with ``N`` that does not divide the
+            training steps.
 
     Example::
 
@@ -241,6 +244,7 @@ class TrajectoryTraversalInferer(Inferer):
         self.swap_steps = self._check_swap_steps(swap_steps)
         self.num_frames = _check_num_frames(num_frames)
         self.timestep_spacing = check_option("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        set_timestep_spacing(scheduler, self.num_inference_steps, timestep_spacing)  # refuses what cannot be spaced
         self.start = check_option("start", start, START_MODES)
         valid = isinstance(inversion_fixed_point_iterations, Integral) and not isinstance(
             inversion_fixed_point_iterations, bool

@@ -117,8 +117,13 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
                 raise FileExistsError(f"output folder {str(path)!r} appeared while writing; not overwriting it.")
             previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, previous / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(previous)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(previous / path.name, path)  # the previous folder comes back if the new one cannot
+                raise
+            finally:
+                shutil.rmtree(previous)  # the old folder, or nothing once it has come back
         else:
             os.replace(tmp, path)
     finally:

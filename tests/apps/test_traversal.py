@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_cfx.apps.traversal import evaluate_traversal, save_traversal, traverse
+from monai_cfx.apps.traversal import evaluate_traversal, load_scans, save_traversal, traversal_inputs, traverse
 from monai_cfx.inferers import TrajectoryTraversalInferer
+from monai_cfx.utils import write_nifti
 from tests.helpers import CONTEXT_DIM, ProjectionOracle, tiny_networks
 
 
@@ -71,6 +72,17 @@ class TestTraverse(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "latent_shape"):
             traverse(inferer(), *args, "normal", "effusion", seeds=[0])
 
+    def test_inputs_are_refused_before_any_model(self):
+        with self.assertRaisesRegex(ValueError, r"`seeds` must not repeat a seed.*\[0\]"):
+            traversal_inputs([0, 1, 0], None, ".", "testing", 64, 2)
+        with tempfile.TemporaryDirectory() as root:
+            for name, array in (("ct.nii.gz", np.full((1, 64, 64), 4095.0)), ("ok.nii.gz", np.full((1, 64, 64), 0.5))):
+                write_nifti(array.astype(np.float32), np.eye(4), Path(root, name))
+            with self.assertRaisesRegex(ValueError, r"ct\.nii\.gz.*\[4095, 4095\].*\[0, 1\]"):
+                load_scans([{"image": str(Path(root, "ct.nii.gz"))}], 64, 2)
+            images, _ = load_scans([{"image": str(Path(root, "ok.nii.gz"))}], 64, 2)
+            self.assertEqual(tuple(images.shape), (1, 1, 64, 64))
+
     def test_save_is_all_or_nothing(self):
         run = traverse(inferer(), self.unet, self.autoencoder, self.text_encoder, "normal", "effusion", seeds=[1, 2],
                        latent_shape=(2, 8, 8))  # fmt: skip
@@ -108,6 +120,11 @@ class TestEvaluate(unittest.TestCase):
             evaluate_traversal(*args, ["bright", "dark"], pairs, classifier=lambda x: x.flatten(), **common)
         with self.assertRaisesRegex(ValueError, "finding"):
             evaluate_traversal(*args, ["a", "b"], pairs, classifier=brightness, **common)
+        # windows that do not fit are refused before the first traversal
+        with self.assertRaisesRegex(ValueError, "bezier_window"):
+            evaluate_traversal(*args, ["bright", "dark"], pairs, **{**common, "bezier_window": (2, 9)})
+        with self.assertRaisesRegex(ValueError, "swap_window"):
+            evaluate_traversal(*args, ["bright", "dark"], pairs, **{**common, "swap_window": (5, 9)})
 
 
 if __name__ == "__main__":

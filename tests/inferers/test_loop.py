@@ -277,6 +277,8 @@ class TestLoopCapabilities(unittest.TestCase):
             ("context", {"context": torch.randn(3, 3, CONTEXT_DIM)}),
             ("uncond_context", {"uncond_context": torch.randn(2, 4, CONTEXT_DIM)}),
             ("sample", {"sample": noise.long()}),
+            ("timesteps", {"timesteps": scheduler.timesteps[4:]}),  # an empty tail
+            ("fixed_point_iterations", {"fixed_point_iterations": 2}),  # only inversion re-solves its steps
         ]
         for name, overrides in cases:
             arguments = {"sample": noise, "context": context, **overrides}

@@ -95,6 +95,18 @@ class TestSweep(unittest.TestCase):
         self.assertTrue(torch.equal(result.swap_latents[1], target_only))
         self.assertFalse(torch.allclose(result.swap_latents[0], result.neutral_latent))
 
+    def test_swap_hook_broadcasts_one_prompt(self):
+        _, unet = tiny_networks(2)
+        neutral, target, empty = prompts()
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        scheduler.set_timesteps(STEPS)
+        noise = torch.randn(3, 2, 8, 8)
+        branches = {"uncond_context": empty, "guidance_scale": 3.0, "verbose": False}
+        one = denoise(unet, scheduler, noise, context=neutral, hooks=[PromptSwapHook(4, target)], **branches)
+        each = denoise(unet, scheduler, noise, context=neutral, hooks=[PromptSwapHook(4, target.expand(3, -1, -1))],
+                       **branches)  # fmt: skip
+        self.assertTrue(torch.equal(one, each))
+
     def test_real_scan_start_reconstructs_at_the_neutral_end(self):
         autoencoder, unet = tiny_networks(2)
         for parameter in unet.parameters():  # a smooth denoiser, so that fixed-point inversion converges
@@ -103,7 +115,8 @@ class TestSweep(unittest.TestCase):
         images = torch.rand(2, 1, 16, 16)
         inferer = traversal(start="image", inversion_fixed_point_iterations=6, num_inference_steps=20, swap_steps=[5])
         result = inferer(images, unet, autoencoder, neutral, target, empty)
-        latent = autoencoder.encode(images)[0] * 0.7
+        with torch.no_grad():
+            latent = autoencoder.encode(images)[0] * 0.7
         error = float((result.neutral_latent - latent).norm() / latent.norm())
         self.assertLess(error, 1e-3)
         self.assertGreater(float((result.initial_latent - latent).norm() / latent.norm()), 0.2)
@@ -143,6 +156,7 @@ class TestBadInput(unittest.TestCase):
             ("guidance_scale", {"guidance_scale": float("inf")}),
             ("start", {"start": "scan"}),
             ("timestep_spacing", {"timestep_spacing": "uniform"}),
+            ("num_inference_steps", {"timestep_spacing": "trailing", "num_inference_steps": 30}),  # 30 ∤ 100
         ]
         for name, kwargs in cases:
             with self.subTest(name=name, kwargs=kwargs), self.assertRaisesRegex(ValueError, f"`{name}`"):

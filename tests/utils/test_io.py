@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -109,6 +111,20 @@ class TestAtomicDirectory(unittest.TestCase):
             self.assertEqual((out / "a.txt").read_text(), "a")
             with atomic_directory(out, overwrite=True) as folder:
                 (folder / "b.txt").write_text("b")
+            self.assertEqual(sorted(p.name for p in out.iterdir()), ["b.txt"])
+            self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+            # the final rename failing (a full disk, an interrupt) brings the previous folder back
+            real_replace, calls = os.replace, []
+
+            def failing_second_replace(source, target):
+                calls.append(target)
+                if len(calls) == 2:
+                    raise OSError("no space left")
+                return real_replace(source, target)
+
+            with mock.patch("monai_cfx.utils.io.os.replace", failing_second_replace), self.assertRaises(OSError):
+                with atomic_directory(out, overwrite=True) as folder:
+                    (folder / "c.txt").write_text("c")
             self.assertEqual(sorted(p.name for p in out.iterdir()), ["b.txt"])
             self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
             Path(root, "file").write_text("x")
