@@ -31,7 +31,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type
 
-from monai_cfx.networks.schedulers import DDIMInverseScheduler, check_strength, strength_steps
+from monai_cfx.networks.schedulers import (
+    DDIMInverseScheduler,
+    check_num_inference_steps,
+    check_strength,
+    strength_steps,
+)
 from monai_cfx.networks.utils import downsampling_factor, encode_mean, spatial_dims_of
 from monai_cfx.utils import check_finite, check_option
 
@@ -120,13 +125,7 @@ class CounterfactualInferer(Inferer):
         self.scheduler = scheduler
         self.scale_factor = float(scale_factor)
         self.noise_strength = check_strength("noise_strength", noise_strength)
-        valid_steps = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
-        if not valid_steps or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be an int in [1, {scheduler.num_train_timesteps}], "
-                f"got {num_inference_steps!r}."
-            )
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = check_num_inference_steps(scheduler, num_inference_steps)
         self.start = check_option("start", start, START_MODES)
         if start == "inversion" and not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f'`start="inversion"` needs a DDIMScheduler, got {type(scheduler).__name__}.')

@@ -33,7 +33,12 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_cfx.networks.schedulers import TIMESTEP_SPACINGS, DDIMInverseScheduler, set_timestep_spacing
+from monai_cfx.networks.schedulers import (
+    TIMESTEP_SPACINGS,
+    DDIMInverseScheduler,
+    check_num_inference_steps,
+    set_timestep_spacing,
+)
 from monai_cfx.networks.utils import downsampling_factor, encode_mean, spatial_dims_of
 from monai_cfx.utils import check_finite, check_option
 
@@ -228,12 +233,7 @@ class TrajectoryTraversalInferer(Inferer):
                 "`scheduler` must be a MONAI DDIMScheduler: the sweep shares one neutral trajectory, which is exact "
                 f"only for deterministic DDIM sampling; got {type(scheduler).__name__}."
             )
-        valid_steps = isinstance(num_inference_steps, Integral) and not isinstance(num_inference_steps, bool)
-        if not valid_steps or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be an int in [1, {scheduler.num_train_timesteps}], "
-                f"got {num_inference_steps!r}."
-            )
+        num_inference_steps = check_num_inference_steps(scheduler, num_inference_steps)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
         check_finite("guidance_scale", torch.tensor(float(guidance_scale)))

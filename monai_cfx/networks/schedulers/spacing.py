@@ -14,6 +14,7 @@ fraction of the schedule (a noise strength) and a step count."""
 from __future__ import annotations
 
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 from monai.networks.schedulers import DDIMScheduler
@@ -46,8 +47,9 @@ def check_ddim_scheduler(scheduler: object) -> DDIMScheduler:
     return scheduler
 
 
-def check_num_inference_steps(scheduler: DDIMScheduler, num_inference_steps: object) -> int:
-    """Return ``num_inference_steps`` as an int, or raise a ``ValueError`` unless it is in ``[1, T]``."""
+def check_num_inference_steps(scheduler: Any, num_inference_steps: object) -> int:
+    """Return ``num_inference_steps`` as an int, or raise a ``ValueError`` unless it is in ``[1, T]`` for the
+    scheduler's ``T = num_train_timesteps`` (any MONAI scheduler)."""
     valid = isinstance(num_inference_steps, Integral) and not isinstance(num_inference_steps, bool)
     if not valid or not 1 <= int(num_inference_steps) <= scheduler.num_train_timesteps:
         raise ValueError(
