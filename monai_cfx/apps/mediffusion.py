@@ -180,9 +180,9 @@ def diffmatch_parts(
 
 def head_output(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``output_transform`` of a classification metric (MONAI's ``ROCAUC``) on an evaluator that runs
-    :class:`~monai_cfx.engines.JointDiffusionInferer` (``decollate=False``): the head's probabilities ``(B, K)``
-    and the labels ``(B, K)``."""
-    logits = output["pred"][1]
+    :class:`~monai_cfx.engines.JointDiffusionInferer` (``decollate=False``; its ``(noise_prediction, logits)``, or
+    the logits alone with ``classify_only``): the head's probabilities ``(B, K)`` and the labels ``(B, K)``."""
+    logits = output["pred"] if isinstance(output["pred"], torch.Tensor) else output["pred"][1]
     label = output["label"]["label"]
     return torch.sigmoid(logits.float()).detach(), label.reshape(logits.shape).float()
 

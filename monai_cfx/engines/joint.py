@@ -397,18 +397,6 @@ class JointDiffusionPrepareBatch(LatentDiffusionPrepareBatch):
         self.classifier_prompt = classifier_prompt
         self.classifier_latent = check_option("classifier_latent", classifier_latent, CLASSIFIER_LATENTS)
 
-    def posterior(
-        self, batchdata: Mapping[str, Any], images: torch.Tensor, device: Any, non_blocking: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled posterior ``(z_mu, z_sigma)``: the cached ones, else a fresh encoding."""
-        mu_key, sigma_key = f"{self.image_key}_z_mu", f"{self.image_key}_z_sigma"
-        with torch.no_grad():
-            if mu_key in batchdata and sigma_key in batchdata:
-                z_mu = torch.as_tensor(batchdata[mu_key]).to(device, non_blocking=non_blocking)
-                z_sigma = torch.as_tensor(batchdata[sigma_key]).to(device, non_blocking=non_blocking)
-                return z_mu, z_sigma
-            return self.autoencoder.encode(images)
-
     def labels(
         self, batchdata: Mapping[str, Any], batch_size: int, device: Any, non_blocking: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -529,6 +517,7 @@ class JointDiffusionInferer(DiffusionInferer):
     Args:
         scheduler: the training scheduler (``add_noise``).
         strong_augment: DiffMatch's strong view (:class:`StrongLatentAugment`); ``None`` without DiffMatch.
+        classify_only: return the ``logits`` alone, without the denoiser's pass (the head's validation).
 
     Example::
 
@@ -536,9 +525,14 @@ class JointDiffusionInferer(DiffusionInferer):
         noise_prediction, logits = inferer(latents, unet, noise=noise, timesteps=timesteps, condition=context)
     """
 
-    def __init__(self, scheduler: Scheduler, strong_augment: StrongLatentAugment | None = None) -> None:
+    def __init__(
+        self, scheduler: Scheduler, strong_augment: StrongLatentAugment | None = None, classify_only: bool = False
+    ) -> None:
         super().__init__(scheduler)
+        if classify_only and strong_augment is not None:
+            raise ValueError("`classify_only` runs the head alone; it takes no `strong_augment` (a training view).")
         self.strong_augment = strong_augment
+        self.classify_only = classify_only
 
     def __call__(  # type: ignore[override]
         self,
@@ -560,8 +554,10 @@ class JointDiffusionInferer(DiffusionInferer):
             raise ValueError(f"`network` must classify (a JointDiffusionUNet), got {type(network).__name__}.")
         if self.strong_augment is not None and labelled is None:
             raise ValueError("with `strong_augment` (DiffMatch) the `labelled` mask is required (the unlabelled rows).")
-        noise_prediction = super().__call__(inputs, network, noise, timesteps, condition, mode=mode, seg=seg)
         clean = inputs if classifier_latent is None else classifier_latent
+        if self.classify_only:  # validation of the head: the denoiser's pass would be thrown away
+            return network.classify(clean, context=classifier_context)
+        noise_prediction = super().__call__(inputs, network, noise, timesteps, condition, mode=mode, seg=seg)
         logits = network.classify(clean, context=classifier_context)
         if self.strong_augment is None or labelled is None:
             return noise_prediction, logits

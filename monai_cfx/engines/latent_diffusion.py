@@ -162,17 +162,28 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             self._contexts.update({p: c.detach().cpu() for p, c in zip(missing, encoded)})
         return torch.stack([self._contexts[p] for p in prompts])
 
-    def latents(
+    def posterior(
         self, batchdata: Mapping[str, Any], images: torch.Tensor, device: Any, non_blocking: bool
-    ) -> torch.Tensor:
-        """Unscaled latents: a posterior sample from cached ``(z_mu, z_sigma)``, else a fresh encoding."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior ``(z_mu, z_sigma)``: the cached ones (``EncodeLatentd``), else a fresh encoding."""
         mu_key, sigma_key = f"{self.image_key}_z_mu", f"{self.image_key}_z_sigma"
         with torch.no_grad():
             if mu_key in batchdata and sigma_key in batchdata:
                 z_mu = torch.as_tensor(batchdata[mu_key]).to(device, non_blocking=non_blocking)
                 z_sigma = torch.as_tensor(batchdata[sigma_key]).to(device, non_blocking=non_blocking)
-                return self.autoencoder.sampling(z_mu, z_sigma)
-            return self.autoencoder.encode_stage_2_inputs(images)
+                return z_mu, z_sigma
+            return self.autoencoder.encode(images)
+
+    def latents(
+        self, batchdata: Mapping[str, Any], images: torch.Tensor, device: Any, non_blocking: bool
+    ) -> torch.Tensor:
+        """Unscaled latents: a posterior sample from cached ``(z_mu, z_sigma)``, else a fresh encoding."""
+        if f"{self.image_key}_z_mu" not in batchdata or f"{self.image_key}_z_sigma" not in batchdata:
+            with torch.no_grad():  # any first-stage model (a VQ-VAE has no posterior)
+                return self.autoencoder.encode_stage_2_inputs(images)
+        z_mu, z_sigma = self.posterior(batchdata, images, device, non_blocking)
+        with torch.no_grad():
+            return self.autoencoder.sampling(z_mu, z_sigma)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.drift_inferer is not None:

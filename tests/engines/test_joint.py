@@ -278,6 +278,20 @@ class TestJointTraining(unittest.TestCase):
             expected = self.unet.classify(inputs, context=kwargs["classifier_context"])
         torch.testing.assert_close(logits, expected)
 
+    def test_classify_only_skips_the_denoiser(self):
+        inputs, _, args, kwargs = self.prepare()(self.batch(self.labelled[:2] + self.unlabelled[:2]))
+        self.unet.eval()
+        calls = []
+        handle = self.unet.out.register_forward_hook(lambda *_: calls.append(1))  # the denoiser's last layer
+        with torch.no_grad():
+            _, logits = JointDiffusionInferer(self.scheduler)(inputs, self.unet, *args, **kwargs)
+            head_only = JointDiffusionInferer(self.scheduler, classify_only=True)(inputs, self.unet, *args, **kwargs)
+        handle.remove()
+        self.assertTrue(torch.equal(logits, head_only))
+        self.assertEqual(len(calls), 1)  # only the full inferer ran the denoiser
+        with self.assertRaisesRegex(ValueError, "classify_only"):
+            JointDiffusionInferer(self.scheduler, strong_augment=StrongLatentAugment(), classify_only=True)
+
     def test_posterior_mean_option(self):
         batch = self.batch(self.labelled[:2] + self.unlabelled[:2])
         inputs, _, _, kwargs = self.prepare(classifier_latent="mean")(batch)

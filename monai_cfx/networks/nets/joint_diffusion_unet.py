@@ -74,7 +74,7 @@ class JointDiffusionUNet(DiffusionModelUNet):
 
         unet = JointDiffusionUNet(spatial_dims=2, in_channels=4, out_channels=4, channels=(64, 128, 256),
                                   attention_levels=(False, True, True), num_classes=14)
-        unet.load_unet_state_dict(torch.load("diffusion_unet.pt"))  # a plain DiffusionModelUNet checkpoint
+        unet.load_unet_state_dict(torch.load("diffusion_unet.pt", weights_only=True))  # a plain UNet checkpoint
         noise_prediction = unet(noisy_latent, timesteps)              # MONAI's forward
         logits = unet.classify(clean_latent)                          # (B, 14), at t = 0
     """
