@@ -75,7 +75,9 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=256)
     args = parser.parse_args()
 
-    config = load_bundle_config(default_bundle_dir(), ["configs/train_diffusion.json"], device=torch.device("cpu"))
+    config = load_bundle_config(
+        default_bundle_dir(), ["configs/inference.json", "configs/train_diffusion.json"], device=torch.device("cpu")
+    )
     torch.manual_seed(0)
     autoencoder = config.get_parsed_content("autoencoder_def").eval()
     text_encoder = config.get_parsed_content("text_encoder")

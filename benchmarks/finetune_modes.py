@@ -41,7 +41,7 @@ RUNS = [
 
 
 def make_trainer(mode: str, drift: float, dims: str, iterations: int):
-    configs = ["configs/finetune.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    configs = ["configs/inference.json", "configs/finetune.json"] + (["configs/3d.json"] if dims == "3d" else [])
     config = load_bundle_config(
         default_bundle_dir("latent_drifting"),
         configs,

@@ -43,7 +43,7 @@ from monai_cfx.metrics import GroundingMetric
 
 
 def bundle(dims: str = "2d", **overrides):
-    configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    configs = ["configs/inference.json", "configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     data = default_bundle_dir("latent_diffusion") / "data" / ("chest_64" if dims == "2d" else "brain_32")
     overrides.setdefault("dataset_dir", str(data))
     return load_bundle_config(default_bundle_dir("phrase_grounding"), configs, device=torch.device("cpu"), **overrides)

@@ -272,6 +272,8 @@ class ShippedWeightsCase(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def configs(self, *names):
+        # every job merges on top of configs/inference.json, which holds the bundle's definitions
+        names = names if names[:1] == ("inference",) else ("inference", *names)
         return [f"configs/{name}.json" for name in names] + self.configs_3d
 
     def run_configs(self, configs, *overrides) -> subprocess.CompletedProcess:

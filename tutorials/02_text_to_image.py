@@ -46,7 +46,9 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. the bundle's own definitions (networks, scheduler, scale factor, shipped weights)
-    config = load_bundle_config(default_bundle_dir(), ["configs/evaluate.json"], device=torch.device("cpu"))
+    config = load_bundle_config(
+        default_bundle_dir(), ["configs/inference.json", "configs/evaluate.json"], device=torch.device("cpu")
+    )
     inferer = config.get_parsed_content("inferer")
     autoencoder = config.get_parsed_content("load_autoencoder")
     diffusion = config.get_parsed_content("load_diffusion")

@@ -40,7 +40,9 @@ def main() -> None:
 
     # 1. the bundle's inferer (DDIM inversion to noise_strength, healthy prompt, guidance) and networks
     config = load_bundle_config(
-        default_bundle_dir("counterfactual"), ["configs/evaluate.json"], device=torch.device("cpu")
+        default_bundle_dir("counterfactual"),
+        ["configs/inference.json", "configs/evaluate.json"],
+        device=torch.device("cpu"),
     )
     inferer = config.get_parsed_content("counterfactual_inferer")
     unet, autoencoder = config.get_parsed_content("load_diffusion"), config.get_parsed_content("load_autoencoder")

@@ -47,7 +47,7 @@ def main() -> None:
     # 1. the bundle's fine-tuning trainer in mode textual_inversion, without writing a checkpoint
     config = load_bundle_config(
         default_bundle_dir("latent_drifting"),
-        ["configs/finetune.json"],
+        ["configs/inference.json", "configs/finetune.json"],
         mode="textual_inversion",
         max_epochs=max(1, args.steps // 4),  # 32 images, batch 8: 4 iterations an epoch
     )

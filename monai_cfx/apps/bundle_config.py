@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +20,6 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 __all__ = ["default_bundle_dir", "load_bundle_config"]
-
-_MAX_MACRO_DEPTH = 8
 
 
 def default_bundle_dir(name: str = "latent_diffusion") -> Path:
@@ -40,30 +37,32 @@ def load_bundle_config(
 ) -> ConfigParser:
     """Read and parse a bundle's configs (merged in order, as ``--config_file "[...]"`` does), with overrides.
 
-    The bundle's configs share definitions through ``%configs/common.json#...`` macros, which MONAI resolves
-    relative to the working directory; they are resolved here from ``bundle_dir``, and ``bundle_root`` is
-    set to its absolute path, so the returned parser's ``get_parsed_content`` works from anywhere.
+    ``config_files`` are relative to ``bundle_dir``; ``bundle_root`` is set to its absolute path and its
+    ``configs/metadata.json`` is read as ``_meta_`` (as MONAI's CLI does), so the returned parser's
+    ``get_parsed_content`` works from any working directory. In monai_cfx bundles ``configs/inference.json`` holds
+    the definitions and runs alone; every other config merges on top of it.
 
     Example::
 
-        parser = load_bundle_config(default_bundle_dir(), ["configs/evaluate.json", "configs/3d.json"], device="cpu")
+        parser = load_bundle_config(
+            default_bundle_dir(), ["configs/inference.json", "configs/evaluate.json", "configs/3d.json"], device="cpu"
+        )
         generate = parser.get_parsed_content("generate")
         images = generate(["Normal brain MRI."], [0])
     """
     bundle_dir = Path(bundle_dir).resolve()
+    if not (bundle_dir / "configs").is_dir():
+        raise FileNotFoundError(
+            f"bundle folder {str(bundle_dir)!r} has no configs/ folder; pass the bundle's folder (from the MONAI "
+            "CLI: --bundle_root <bundle folder>)."
+        )
     missing = [name for name in config_files if not (bundle_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"`config_files` {missing} not found in bundle folder {str(bundle_dir)!r}.")
-    with contextlib.chdir(bundle_dir):
-        parser = ConfigParser()
-        parser.read_config([str(bundle_dir / name) for name in config_files])
-        parser.update({"bundle_root": str(bundle_dir), **overrides})
-        # MONAI resolves one level of macros per parse; a macro may point at another bundle's macro (as the
-        # counterfactual bundle's configs do), so resolve until nothing changes while paths still resolve here
-        for _ in range(_MAX_MACRO_DEPTH):
-            before = repr(parser.get())
-            parser.resolve_macro_and_relative_ids()
-            if repr(parser.get()) == before:
-                break
-        parser.parse()
+    parser = ConfigParser()
+    parser.read_config([str(bundle_dir / name) for name in config_files])
+    if (bundle_dir / "configs" / "metadata.json").is_file():
+        parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle_dir), **overrides})
+    parser.parse()
     return parser

@@ -99,7 +99,7 @@ def _generate_samples(bundle_dir: Path, dims: str, output_dir: Path, overwrite: 
     """Sample the shipped generator for ``SAMPLE_PROMPTS[dims]`` and judge each sample with the oracle."""
     import torch
 
-    configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    configs = ["configs/inference.json", "configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     parser = load_bundle_config(bundle_dir, configs, device=torch.device("cpu"))
     label_names = list(parser.get_parsed_content("label_names"))
     prompts = [p for p, _ in SAMPLE_PROMPTS[dims] for _ in SAMPLE_SEEDS]
@@ -153,7 +153,7 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     from monai_cfx.handlers import CounterfactualSaver
     from monai_cfx.metrics import compute_masked_l1
 
-    configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    configs = ["configs/inference.json", "configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     parser = load_bundle_config(default_bundle_dir("counterfactual"), configs, device=torch.device("cpu"))
     kind, size = parser.get_parsed_content("kind"), parser.get_parsed_content("image_size")
     label_names = list(parser.get_parsed_content("label_names"))

@@ -48,7 +48,7 @@ class TestCounterfactualBundle2D(CounterfactualCase):
     def test_evaluate_and_induce(self):
         for name, extra in (("evaluate", []), ("induce", ["configs/induce.json"])):
             out = self.tmp / name
-            configs = ["configs/evaluate.json", *extra, *self.configs_3d]
+            configs = ["configs/inference.json", "configs/evaluate.json", *extra, *self.configs_3d]
             overrides = ["--num_items", "3", "--data_list_key", "training", "--output_dir", str(out)]
             check_ok(self, self.run_configs(configs, *self.common, *FAST, *overrides))
             metrics = json.loads((out / "metrics.json").read_text())

@@ -44,7 +44,8 @@ class BundleCase(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def configs(self, name):
-        return [f"configs/{name}.json", *self.configs_3d]
+        names = ["inference"] if name == "inference" else ["inference", name]
+        return [*(f"configs/{n}.json" for n in names), *self.configs_3d]
 
     def train_all(self):
         for name in ("train_autoencoder", "train_diffusion", "train_oracle"):
@@ -189,7 +190,7 @@ class TestMultiProcessTraining(BundleCase):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-        configs = ["configs/train_diffusion.json", "configs/multi_gpu_train.json"]
+        configs = ["configs/inference.json", "configs/train_diffusion.json", "configs/multi_gpu_train.json"]
         result = run_bundle(configs, *self.common, *TINY, launcher=launcher)
         check_ok(self, result)
         log = result.stdout + result.stderr

@@ -27,7 +27,7 @@ MIN_AUROC = {"2d": 0.85, "3d": 0.8}
 
 
 def bundle_parser(dims: str):
-    configs = ["configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
+    configs = ["configs/inference.json", "configs/evaluate.json"] + (["configs/3d.json"] if dims == "3d" else [])
     return load_bundle_config(default_bundle_dir(), configs, device=torch.device("cpu"))
 
 

@@ -4,9 +4,9 @@
 set -euo pipefail
 dims=${1:?2d or 3d}
 out=${2:?results folder}
-configs="['configs/evaluate.json']"
+configs="['configs/inference.json','configs/evaluate.json']"
 extra=()
-if [ "$dims" = 3d ]; then configs="['configs/evaluate.json','configs/3d.json']"; fi
+if [ "$dims" = 3d ]; then configs="['configs/inference.json','configs/evaluate.json','configs/3d.json']"; fi
 run() {  # <name> <config list> <overrides...>
     local name=$1 list=$2
     shift 2

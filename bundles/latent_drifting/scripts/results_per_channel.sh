@@ -7,7 +7,7 @@
 #  T2. mode 'full' fine-tuned and sampled with that drift (all three places).
 set -euo pipefail
 dims="${1:-2d}"; shift || true
-configs() { if [ "$dims" = 3d ]; then echo "['configs/$1.json','configs/3d.json']"; else echo "configs/$1.json"; fi; }
+configs() { if [ "$dims" = 3d ]; then echo "['configs/inference.json','configs/$1.json','configs/3d.json']"; else echo "['configs/inference.json','configs/$1.json']"; fi; }
 run() { python -m monai.bundle run --meta_file configs/metadata.json --logging_file configs/logging.conf --config_file "$(configs "$1")" "${@:2}"; }
 out="eval/$dims"
 search="$out/search_pretrained_per_channel"

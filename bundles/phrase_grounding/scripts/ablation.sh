@@ -8,8 +8,8 @@ set -euo pipefail
 dims=${1:?2d or 3d}
 out=${2:?results folder}
 shift 2
-configs="['configs/evaluate.json']"
-if [ "$dims" = 3d ]; then configs="['configs/evaluate.json','configs/3d.json']"; fi
+configs="['configs/inference.json','configs/evaluate.json']"
+if [ "$dims" = 3d ]; then configs="['configs/inference.json','configs/evaluate.json','configs/3d.json']"; fi
 mkdir -p "$out"
 run() {  # <name> <overrides...>
     local name=$1

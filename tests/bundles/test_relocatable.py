@@ -1,0 +1,123 @@
+"""Every bundle runs from any working directory: no cwd-relative config references, paths from bundle_root, the
+latent diffusion definitions the other bundles copy kept equal to that bundle's, and a ConfigWorkflow loaded with
+only bundle_root and config paths."""
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from tests.helpers import BUNDLES, check_ok, run_relocated
+
+# job configs of each bundle, each merged on top of configs/inference.json (the traversal and Mediffusion bundles
+# list their own merges)
+JOBS = {
+    "latent_diffusion": ["train_autoencoder", "train_diffusion", "train_oracle", "evaluate"],
+    "counterfactual": ["evaluate"],
+    "phrase_grounding": ["evaluate"],
+    "latent_drifting": ["finetune", "evaluate", "drift_search"],
+    "trajectory_traversal": ["evaluate"],
+    "mediffusion": ["evaluate_classifier"],
+}
+# what the counterfactual, grounding and drifting bundles copy from the latent diffusion bundle: the architecture
+# of the weights they load, which must not drift apart
+SHARED_DEFINITIONS = [
+    "latent_channels",
+    "autoencoder_channels",
+    "text_encoder_path",
+    "text_max_length",
+    "cross_attention_dim",
+    "text_encoder",
+    "autoencoder_def",
+    "diffusion_def",
+    "prediction_type",
+    "num_train_timesteps",
+    "sampling_scheduler",
+]
+MACRO_FILE_REFERENCE = re.compile(r"%[^#\"\s]*\.(json|yaml|yml)#")
+
+
+def _raw(bundle: str, names: list[str]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / f"{name}.json") for name in names])
+    return parser
+
+
+class TestRelocatableBundles(unittest.TestCase):
+    def test_no_config_refers_to_a_file_relative_to_the_working_directory(self):
+        for path in sorted(BUNDLES.glob("*/configs/*.json")):
+            with self.subTest(config=str(path.relative_to(BUNDLES))):
+                self.assertIsNone(MACRO_FILE_REFERENCE.search(path.read_text()))
+
+    def test_metadata_keeps_its_required_packages_after_monai_reads_it(self):
+        for path in sorted(BUNDLES.glob("*/configs/metadata.json")):
+            with self.subTest(metadata=str(path.relative_to(BUNDLES))):
+                parser = ConfigParser()
+                parser.read_meta(str(path))
+                required = parser.get("_meta_")["required_packages_version"]
+                self.assertTrue({"monai_cfx", "transformers", "nibabel"} <= set(required), required)
+
+    def test_copied_definitions_equal_the_latent_diffusion_bundles(self):
+        for bundle in ("counterfactual", "phrase_grounding", "latent_drifting"):
+            for extra in ([], ["3d"]):
+                source = _raw("latent_diffusion", ["inference", *extra])
+                copy = _raw(bundle, ["inference", *extra])
+                if bundle == "phrase_grounding" and not extra:
+                    source = _raw("latent_diffusion", ["inference", "attention_all_levels"])
+                for key in SHARED_DEFINITIONS + ["diffusion_attention_levels"]:
+                    with self.subTest(bundle=bundle, extra=extra, key=key):
+                        self.assertEqual(copy.get(key), source.get(key))
+
+    def test_paths_resolve_from_bundle_root_in_another_folder(self):
+        with tempfile.TemporaryDirectory() as elsewhere, contextlib.chdir(elsewhere):
+            for bundle, jobs in JOBS.items():
+                root = BUNDLES / bundle
+                for job in [None, *jobs]:
+                    names = ["inference"] + ([job] if job else [])
+                    with self.subTest(bundle=bundle, configs=names):
+                        workflow = ConfigWorkflow(
+                            config_file=[str(root / "configs" / f"{name}.json") for name in names],
+                            meta_file=str(root / "configs" / "metadata.json"),
+                            logging_file=str(root / "configs" / "logging.conf"),
+                            workflow_type=None,
+                            bundle_root=str(root),
+                        )
+                        parser = workflow.parser
+                        self.assertEqual(Path(parser.get_parsed_content("bundle_root")), root)
+                        for key in ("load_diffusion_path", "load_autoencoder_path", "scale_factor_path"):
+                            if key in parser:
+                                self.assertTrue(Path(parser.get_parsed_content(key)).is_file(), key)
+                        self.assertTrue(str(parser.get_parsed_content("output_dir")).startswith(str(root)))
+
+
+class TestRunFromAnotherFolder(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_counterfactual_and_grounding_inference(self):
+        data = ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "20", "--seed", "5000", "--num_items", "2"]
+        fast = ["--num_inference_steps", "10"]
+        for bundle, manifest in (("counterfactual", "counterfactuals.json"), ("phrase_grounding", "grounding.json")):
+            with self.subTest(bundle=bundle):
+                out = self.tmp / f"out_{bundle}"
+                check_ok(
+                    self,
+                    run_relocated(
+                        BUNDLES / bundle, ["inference.json"], *data, *fast, "--output_dir", str(out), cwd=self.tmp
+                    ),
+                )
+                self.assertEqual(len(json.loads((out / manifest).read_text())), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
