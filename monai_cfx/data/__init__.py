@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .brain import BRAIN_FINDINGS, brain_phantom
 from .chest import CHEST_FINDINGS, chest_phantom
+from .collate import collate_scans
 from .dataset import (
     PHANTOM_KINDS,
     PhantomDataset,
@@ -33,6 +34,7 @@ __all__ = [
     "PHANTOM_KINDS",
     "PhantomDataset",
     "brain_phantom",
+    "collate_scans",
     "ensure_phantom_datalist",
     "chest_phantom",
     "generate_phantom",

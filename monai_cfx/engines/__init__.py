@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from .checks import check_reconstruction
 from .counterfactual import CounterfactualPrepareBatch
 from .finetune import (
     FINETUNE_MODES,
@@ -60,6 +61,7 @@ __all__ = [
     "ReconstructionPrepareBatch",
     "StrongLatentAugment",
     "apply_finetuned",
+    "check_reconstruction",
     "compute_scale_factor",
     "generate_prior_latents",
     "labelled_split",

@@ -21,6 +21,10 @@ from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
+from monai_cfx.transforms.scan import fit_to_size
+
+from .checks import check_reconstruction
+
 __all__ = ["CounterfactualPrepareBatch"]
 
 
@@ -44,6 +48,8 @@ class CounterfactualPrepareBatch(PrepareBatch):
         target_key: batch key returned as the evaluator's label, if present (the multi-hot finding labels).
         region_mask_key: batch key of a region mask restricting the edit (disease induction), if any.
         seed: seed of the first image's noise.
+        max_reconstruction_mse: refuse images whose autoencoder round trip has a larger mean squared error (the
+            out-of-distribution check, :func:`~monai_cfx.engines.check_reconstruction`); ``None`` skips it.
     """
 
     def __init__(
@@ -57,7 +63,9 @@ class CounterfactualPrepareBatch(PrepareBatch):
         region_mask_key: str | None = None,
         seed: int = 0,
         image_key: str = CommonKeys.IMAGE,
+        max_reconstruction_mse: float | None = None,
     ) -> None:
+        self.max_reconstruction_mse = max_reconstruction_mse
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}.")
         self.autoencoder = autoencoder.eval()
@@ -109,6 +117,7 @@ class CounterfactualPrepareBatch(PrepareBatch):
         if self.image_key not in batchdata:
             raise ValueError(f"the batch has no {str(self.image_key)!r} key; keys: {sorted(batchdata)}.")
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        check_reconstruction(self.autoencoder, images, self.max_reconstruction_mse)
         batch_size = images.shape[0]
         with torch.no_grad():
             conditioning = self.text_encoder(self.prompts(batchdata, batch_size)).to(device)
@@ -125,7 +134,14 @@ class CounterfactualPrepareBatch(PrepareBatch):
                 raise ValueError(
                     f"`region_mask_key` {self.region_mask_key!r} is not in the batch: {sorted(batchdata)}."
                 )
-            region_mask = batchdata[self.region_mask_key].to(device=device, non_blocking=non_blocking, **kwargs)
+            masks = batchdata[self.region_mask_key]
+            # a region mask on the scan's own grid is brought to the model's input as the image was
+            masks = [masks[i : i + 1] for i in range(masks.shape[0])] if isinstance(masks, torch.Tensor) else masks
+            side = images.shape[-1]
+            region_mask = torch.cat(
+                [fit_to_size(torch.as_tensor(m).reshape(1, *m.shape[-images.ndim + 1 :]).float(), side) for m in masks]
+            )
+            region_mask = region_mask.to(device=device, non_blocking=non_blocking, **kwargs)
         seeds = self.seeds(images)
         call_kwargs = {
             "conditioning": conditioning,

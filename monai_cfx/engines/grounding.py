@@ -19,6 +19,8 @@ import torch
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
+from .checks import check_reconstruction
+
 __all__ = ["GroundingPrepareBatch"]
 
 
@@ -37,6 +39,8 @@ class GroundingPrepareBatch(PrepareBatch):
         uncond_prompt: prompt of the unconditional branch; ``""`` uses the empty prompt.
         prompt_key, tokens_key: batch keys of the prompts and the ``(B, P, L)`` phrase tokens.
         target_key: batch key returned as the evaluator's label, if present (e.g. the phrases' box masks).
+        max_reconstruction_mse: refuse images whose autoencoder round trip has a larger mean squared error (the
+            out-of-distribution check, :func:`~monai_cfx.engines.check_reconstruction`); ``None`` skips it.
     """
 
     def __init__(
@@ -48,7 +52,9 @@ class GroundingPrepareBatch(PrepareBatch):
         tokens_key: str = "phrase_tokens",
         target_key: str | None = "phrase_mask",
         image_key: str = CommonKeys.IMAGE,
+        max_reconstruction_mse: float | None = None,
     ) -> None:
+        self.max_reconstruction_mse = max_reconstruction_mse
         self.autoencoder = autoencoder.eval()
         self.text_encoder = text_encoder
         self.uncond_prompt = uncond_prompt
@@ -70,6 +76,7 @@ class GroundingPrepareBatch(PrepareBatch):
         if missing:
             raise ValueError(f"the batch lacks {sorted(missing)} (keys: {sorted(batchdata)}); run PhraseTokensd first.")
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        check_reconstruction(self.autoencoder, images, self.max_reconstruction_mse)
         prompts = batchdata[self.prompt_key]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = torch.as_tensor(batchdata[self.tokens_key]).bool()

@@ -103,6 +103,9 @@ class CounterfactualSaver(ItemSaver):
         default_prompt: prompt recorded for items without one.
         png: write the 2D panel.
         overwrite: replace existing files.
+        run_settings: the run's settings; a killed run resumes only with the same items and settings.
+        intensity_key: item key of the intensity rule's ``[lo, hi, target_lo, target_hi]``
+            (:class:`~monai_cfx.transforms.ScaleIntensityToModeld`), recorded in the manifest when present.
     """
 
     def __init__(
@@ -116,8 +119,12 @@ class CounterfactualSaver(ItemSaver):
         default_prompt: str | None = None,
         png: bool = True,
         overwrite: bool = False,
+        run_settings: Mapping[str, Any] | None = None,
+        intensity_key: str | None = "image_intensity",
     ) -> None:
-        super().__init__(output_dir, "counterfactuals", image_key=image_key, overwrite=overwrite)
+        super().__init__(
+            output_dir, "counterfactuals", image_key, overwrite, run_settings=run_settings, intensity_key=intensity_key
+        )
         self.counterfactual_key, self.difference_key = counterfactual_key, difference_key
         self.mask_key, self.prompt_key, self.default_prompt = mask_key, prompt_key, default_prompt
         self.png = png
@@ -128,7 +135,7 @@ class CounterfactualSaver(ItemSaver):
             item,
             (self.counterfactual_key, self.difference_key),
             fallback_stem,
-            fields={"prompt": item.get(self.prompt_key) or self.default_prompt},
+            fields={"prompt": item.get(self.prompt_key) or self.default_prompt, **self.intensity_field(item)},
             files={"counterfactual": "_counterfactual.nii.gz", "difference": "_difference.nii.gz"},
             png=("panel", "_panel.png") if self.png else None,
         )
@@ -273,8 +280,12 @@ class CounterfactualMetricsHandler:
         return {k: v.detach().float().cpu() for k, v in values.items()}
 
     def __call__(self, engine: Engine) -> None:
-        for name, value in self.compute(iterate_items(engine)).items():
-            self.values.setdefault(name, []).extend(value.tolist())
+        items = iterate_items(engine)
+        # outputs on their inputs' own grids may differ in size within a batch: measure such items one by one
+        same_size = len({tuple(torch.as_tensor(i[self.image_key]).shape) for i in items}) == 1
+        for group in [items] if same_size else [[item] for item in items]:
+            for name, value in self.compute(group).items():
+                self.values.setdefault(name, []).extend(value.tolist())
 
     def metric_names(self) -> list[str]:
         """The names this handler reports, the same on every rank."""

@@ -81,9 +81,11 @@ class FeatureDistanceHandler:
     def _features(self, items: Sequence[Any], key: str, device: torch.device) -> torch.Tensor:
         if any(key not in i for i in items):
             raise ValueError(f"an item has no {str(key)!r} key; keys: {sorted(items[0])}.")
-        images = torch.stack([torch.as_tensor(i[key], dtype=torch.float32).to(device) for i in items])
+        images = [torch.as_tensor(i[key], dtype=torch.float32).to(device).clamp(0, 1) for i in items]
+        # images on their inputs' own grids may differ in size within a batch: embed such images one by one
+        groups = [torch.stack(images)] if len({i.shape for i in images}) == 1 else [i[None] for i in images]
         with torch.no_grad():
-            return self.feature_fn(images.clamp(0, 1)).detach().double().cpu()
+            return torch.cat([self.feature_fn(group).detach().double().cpu() for group in groups])
 
     def __call__(self, engine: Engine) -> None:
         items = iterate_items(engine)

@@ -82,6 +82,9 @@ class GroundingSaver(ItemSaver):
             :class:`~monai_cfx.transforms.PhraseTokensd` writes them).
         png: write the 2D overlay.
         overwrite: replace existing files.
+        run_settings: the run's settings; a killed run resumes only with the same items and settings.
+        intensity_key: item key of the intensity rule's ``[lo, hi, target_lo, target_hi]``
+            (:class:`~monai_cfx.transforms.ScaleIntensityToModeld`), recorded in the manifest when present.
     """
 
     def __init__(
@@ -95,8 +98,12 @@ class GroundingSaver(ItemSaver):
         text_key: str = "phrase_text",
         png: bool = True,
         overwrite: bool = False,
+        run_settings: Mapping[str, Any] | None = None,
+        intensity_key: str | None = "image_intensity",
     ) -> None:
-        super().__init__(output_dir, "grounding", image_key=image_key, overwrite=overwrite)
+        super().__init__(
+            output_dir, "grounding", image_key, overwrite, run_settings=run_settings, intensity_key=intensity_key
+        )
         self.heatmap_key, self.mask_key, self.box_mask_key = heatmap_key, mask_key, box_mask_key
         self.prompt_key, self.text_key = prompt_key, text_key
         self.png = png
@@ -109,7 +116,7 @@ class GroundingSaver(ItemSaver):
             item,
             (self.heatmap_key, self.mask_key),
             fallback_stem,
-            fields={"prompt": item.get(self.prompt_key), "phrases": phrases},
+            fields={"prompt": item.get(self.prompt_key), "phrases": phrases, **self.intensity_field(item)},
             files={"heatmap": "_heatmap.nii.gz", "mask": "_mask.nii.gz"},
             png=("overlay", "_overlay.png") if self.png else None,
         )

@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ItemSaver", "affine_of", "item_stem", "iterate_items", "to_numpy"]
 
@@ -77,6 +83,13 @@ class ItemSaver:
     ``records``). File stems come from the input's file name (:meth:`unique_stem`); ``<manifest_name>.json``
     (``<manifest_name>_rank<r>.json`` in multi-process runs, where each rank saves its own items) is written at the
     end of the run. An existing manifest stops the run at its start unless ``overwrite``.
+
+    Attached to an evaluator, a run is all or nothing: items are written into a hidden staging folder beside
+    ``output_dir`` (``.<name>.<manifest_name>.partial``) and moved into ``output_dir`` only when the run completes.
+    A run that fails leaves nothing in ``output_dir``. A killed run leaves its staging folder, which the next run
+    with the same items and ``run_settings`` resumes (:meth:`pending` gives the items still to do); a run with
+    other items or settings removes it first. Called directly (``save_item``, ``write_manifest``), files go
+    straight into ``output_dir``.
     """
 
     def __init__(
@@ -85,32 +98,89 @@ class ItemSaver:
         manifest_name: str,
         image_key: str = CommonKeys.IMAGE,
         overwrite: bool = False,
+        run_settings: Mapping[str, Any] | None = None,
+        intensity_key: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.intensity_key = intensity_key
         self.manifest_name = manifest_name
         self.image_key = image_key
         self.overwrite = overwrite
+        self.run_settings = dict(run_settings or {})
         self.records: list[dict[str, Any]] = []
         self.used_stems: set[str] = set()
+        self.write_dir = self.output_dir
+        self._run_fingerprint: str | None = None  # set by pending(): the items and settings of this run
+        self._resumed = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
 
-    def _manifest_path(self) -> Path:
-        if idist.get_world_size() == 1:
-            return self.output_dir / f"{self.manifest_name}.json"
-        return self.output_dir / f"{self.manifest_name}_rank{idist.get_rank()}.json"
+    def _suffix(self) -> str:
+        return "" if idist.get_world_size() == 1 else f"_rank{idist.get_rank()}"
 
-    def _started(self, _engine: Engine) -> None:
-        self.records, self.used_stems = [], set()
+    def _manifest_path(self, folder: Path | None = None) -> Path:
+        return (folder or self.output_dir) / f"{self.manifest_name}{self._suffix()}.json"
+
+    @property
+    def staging_dir(self) -> Path:
+        """The hidden folder beside ``output_dir`` that a run writes into until it completes."""
+        return self.output_dir.parent / f".{self.output_dir.name}.{self.manifest_name}{self._suffix()}.partial"
+
+    def _fingerprint(self, items: Sequence[Mapping[str, Any]]) -> str:
+        text = json.dumps(
+            {"items": [str(i.get(self.image_key)) for i in items], "settings": self.run_settings},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def pending(self, items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The items a run still has to do: all of them, or, after a killed run of the same items and settings
+        (its staging folder holds the finished items), those it had not finished. A staging folder of other items
+        or settings is removed."""
+        fingerprint, staging = self._fingerprint(items), self.staging_dir
+        progress = staging / "progress.json"
+        self._run_fingerprint, self._resumed, self.records, self.used_stems = fingerprint, False, [], set()
+        if staging.exists():
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("fingerprint") == fingerprint:
+                self.records = list(state["records"])
+                self.used_stems = set(state["stems"])
+                self._resumed, self.write_dir = True, staging
+                logger.warning(
+                    "resuming an unfinished run: %d of %d items already done in %s",
+                    len(self.records),
+                    len(items),
+                    staging,
+                )
+            else:
+                logger.warning("removing an unfinished run of other items or settings: %s", staging)
+                shutil.rmtree(staging)
+        done = {str(record["image"]) for record in self.records}
+        return [item for item in items if str(item.get(self.image_key)) not in done]
+
+    def _started(self, engine: Engine) -> None:
         check_writable(self._manifest_path(), self.overwrite)
+        if not self._resumed:
+            self.records, self.used_stems = [], set()
+            if self.staging_dir.exists():
+                shutil.rmtree(self.staging_dir)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.write_dir = self.staging_dir
 
     def __call__(self, engine: Engine) -> None:
         rank = f"rank{idist.get_rank()}_" if idist.get_world_size() > 1 else ""
         for item in iterate_items(engine):
             self.save_item(item, fallback_stem=f"{rank}item_{len(self.records):05d}")
+        if self.write_dir == self.staging_dir:
+            state = {"fingerprint": self._run_fingerprint, "records": self.records, "stems": sorted(self.used_stems)}
+            write_json(state, self.staging_dir / "progress.json", overwrite=True)
 
     def save_item(self, item: Mapping[str, Any], fallback_stem: str = "item") -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement save_item.")
@@ -127,11 +197,12 @@ class ItemSaver:
         """Start an item's manifest record and check its files before any is written.
 
         The record holds the input's name, ``fields``, one ``<stem><suffix>`` per entry of ``files`` and, for 2D
-        images, ``png`` (key, suffix). Returns the record and the files' paths in that order.
+        images, ``png`` (key, suffix). Returns the record and the paths to write (in the staging folder during a
+        run) in that order.
 
         Raises:
             ValueError: when the item lacks one of ``required_keys`` (the image's included).
-            FileExistsError: when a file exists and ``overwrite`` is off.
+            FileExistsError: when a file exists in ``output_dir`` and ``overwrite`` is off.
         """
         for key in (self.image_key, *required_keys):
             if key not in item:
@@ -146,10 +217,16 @@ class ItemSaver:
         if png is not None and torch.as_tensor(image).ndim - 1 == 2:
             record[png[0]] = f"{stem}{png[1]}"
         keys = [*files, *([png[0]] if png is not None and png[0] in record else [])]
-        targets = [self.output_dir / record[key] for key in keys]
-        for target in targets:
-            check_writable(target, self.overwrite)
-        return record, targets
+        for key in keys:
+            check_writable(self.output_dir / record[key], self.overwrite)
+        return record, [self.write_dir / record[key] for key in keys]
+
+    def intensity_field(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"intensity": [lo, hi, target_lo, target_hi]}`` when the item carries its intensity rule's parameters:
+        an output ``y`` in the model's units is ``lo + (y - target_lo) * (hi - lo) / (target_hi - target_lo)``."""
+        if self.intensity_key is None or item.get(self.intensity_key) is None:
+            return {}
+        return {"intensity": [float(v) for v in torch.as_tensor(item[self.intensity_key]).flatten()]}
 
     def unique_stem(self, item: Mapping[str, Any], fallback_stem: str) -> str:
         """The input's file name, prefixed by its folder (then a counter) when an earlier item had the same name,
@@ -166,8 +243,23 @@ class ItemSaver:
         return stem
 
     def _finalize(self, _engine: Engine) -> None:
+        self.complete()
+
+    def complete(self) -> Path:
+        """Write the manifest and, during a run, move every staged file into ``output_dir`` (all checked first)."""
+        if self.write_dir != self.staging_dir:
+            return self.write_manifest()
         self.write_manifest()
+        staged = [path for path in sorted(self.staging_dir.iterdir()) if path.name != "progress.json"]
+        for path in staged:
+            check_writable(self.output_dir / path.name, self.overwrite)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for path in staged:
+            os.replace(path, self.output_dir / path.name)
+        shutil.rmtree(self.staging_dir)
+        self.write_dir, self._resumed, self._run_fingerprint = self.output_dir, False, None
+        return self._manifest_path()
 
     def write_manifest(self) -> Path:
         """Write the records of the saved items; the evaluator calls it at the end of the run."""
-        return write_json(self.records, self._manifest_path(), overwrite=self.overwrite)
+        return write_json(self.records, self._manifest_path(self.write_dir), overwrite=self.overwrite)

@@ -67,6 +67,19 @@ class RegionBlendHook(SamplingHook):
         state.sample = self.latent_mask * state.sample + (1.0 - self.latent_mask) * known
 
 
+def _parameter_dtype(network: torch.nn.Module) -> torch.dtype | None:
+    parameter = next(network.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else None
+
+
+def _cross_attention_dim(network: torch.nn.Module) -> int | None:
+    """The text context width a MONAI ``DiffusionModelUNet`` takes (its first cross-attention's key input)."""
+    for module in network.modules():
+        if type(module).__name__ == "CrossAttentionBlock" and hasattr(module, "context_input_size"):
+            return int(module.context_input_size)
+    return None
+
+
 class CounterfactualInferer(Inferer):
     """Edit images towards a target prompt in the latent space of a text-conditioned latent diffusion model.
 
@@ -145,6 +158,11 @@ class CounterfactualInferer(Inferer):
             or not math.isfinite(guidance_scale)
         ):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
+        if guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be >= 0, got {guidance_scale!r}: a negative scale pushes away from the target "
+                "prompt and strengthens what the counterfactual should remove."
+            )
         return float(guidance_scale)
 
     def num_edit_steps(self, noise_strength: float | None = None) -> int:
@@ -189,6 +207,13 @@ class CounterfactualInferer(Inferer):
                 )
         if uncond_conditioning is not None and conditioning is None:
             raise ValueError("`uncond_conditioning` was given without `conditioning`: guidance needs both.")
+        context_dim = getattr(diffusion_model, "cross_attention_dim", None) or _cross_attention_dim(diffusion_model)
+        for name, value in (("conditioning", conditioning), ("uncond_conditioning", uncond_conditioning)):
+            if value is not None and context_dim is not None and (value.ndim != 3 or value.shape[-1] != context_dim):
+                raise ValueError(
+                    f"`{name}` must be a (B or 1, L, {context_dim}) text context for this `diffusion_model` "
+                    f"(cross_attention_dim={context_dim}), got shape {tuple(value.shape)}."
+                )
         if region_mask is not None:
             if not isinstance(region_mask, torch.Tensor) or region_mask.shape[2:] != inputs.shape[2:]:
                 shape = tuple(region_mask.shape) if isinstance(region_mask, torch.Tensor) else region_mask
@@ -231,6 +256,14 @@ class CounterfactualInferer(Inferer):
             hooks: extra :class:`SamplingHook`\\ s (guidance, drift, prompt swap), run before region blending.
         """
         self._check_inputs(inputs, diffusion_model, autoencoder_model, conditioning, uncond_conditioning, region_mask)
+        # float64 / float16 images and contexts are cast to the networks' own float type (safe for images in the
+        # autoencoder's range; MONAI's layers refuse mixed types); the output keeps the input's type
+        input_dtype, dtype = inputs.dtype, _parameter_dtype(diffusion_model)
+        if dtype is not None and input_dtype != dtype:
+            inputs = inputs.to(dtype)
+        if dtype is not None:
+            conditioning = conditioning.to(dtype) if conditioning is not None else None
+            uncond_conditioning = uncond_conditioning.to(dtype) if uncond_conditioning is not None else None
         num_steps = self.num_edit_steps(noise_strength)
         device = inputs.device
         batch_size = inputs.shape[0]
@@ -295,7 +328,8 @@ class CounterfactualInferer(Inferer):
             decoded = autoencoder_model.decode_stage_2_outputs(latent / self.scale_factor)
         if padder is not None:
             decoded = decoded[(slice(None), slice(None), *(slice(0, size) for size in original_size))]
-        return convert_to_dst_type(decoded, inputs)[0] if isinstance(inputs, MetaTensor) else decoded
+        result = convert_to_dst_type(decoded, inputs)[0] if isinstance(inputs, MetaTensor) else decoded
+        return result.to(input_dtype)
 
     @staticmethod
     def _noise(latent: torch.Tensor, seed: int | Sequence[int] | None) -> torch.Tensor:

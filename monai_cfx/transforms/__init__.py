@@ -31,8 +31,15 @@ from .grounding import (
     phrase_list,
 )
 from .latent import EncodeLatentd
+from .scan import INTENSITY_MODES, CheckScand, ScaleIntensityToModeld, ScanToModelDimsd, fit_to_size, scan_name
 
 __all__ = [
+    "CheckScand",
+    "INTENSITY_MODES",
+    "ScaleIntensityToModeld",
+    "ScanToModelDimsd",
+    "fit_to_size",
+    "scan_name",
     "DifferenceMap",
     "DifferenceMapD",
     "DifferenceMapDict",

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import DenseNet
 
+from monai_cfx.transforms.scan import fit_to_size
+
 __all__ = ["FindingClassifier"]
 
 
@@ -33,6 +35,9 @@ class FindingClassifier(DenseNet):
         dropout_prob: dropout in the dense layers.
         stem_pooling: keep DenseNet's stem max-pooling. Without it the dense blocks see the image at half
             resolution instead of a quarter, which small findings (a few-pixel nodule at 64x64) need.
+        input_size: the side the classifier was trained at. Images of another size (outputs mapped back onto a
+            user's grid) are first brought to it as the bundles' preprocessing does: the longest side
+            area-resized to ``input_size``, the rest zero-padded symmetrically. ``None`` takes images as they are.
 
     Example::
 
@@ -51,6 +56,7 @@ class FindingClassifier(DenseNet):
         block_config: Sequence[int] = (4, 6, 8),
         dropout_prob: float = 0.0,
         stem_pooling: bool = True,
+        input_size: int | None = None,
     ) -> None:
         if num_findings < 1:
             raise ValueError(f"`num_findings` must be >= 1, got {num_findings}.")
@@ -65,10 +71,18 @@ class FindingClassifier(DenseNet):
         )
         if not stem_pooling:
             self.features.pool0 = torch.nn.Identity()
+        self.input_size = input_size
+
+    def fit_input(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` at ``input_size`` (:func:`~monai_cfx.transforms.fit_to_size`), or unchanged."""
+        return images if self.input_size is None else fit_to_size(images, self.input_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.fit_input(images))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classification layer, ``(B, F)``."""
-        return self.class_layers[:-1](self.features(images))
+        return self.class_layers[:-1](self.features(self.fit_input(images)))
 
     def logits_and_embedding(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(images), embed(images))`` from one pass through the dense blocks."""

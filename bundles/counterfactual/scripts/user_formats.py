@@ -1,0 +1,156 @@
+"""Scans as users bring them, through the counterfactual and phrase grounding bundles from another folder.
+
+Writes held-out abnormal phantoms as a 2048x2048 16-bit PNG, a 16-bit DICOM radiograph (512x512, 0.35 mm pixels)
+and a 1 mm brain NIfTI (200^3), runs both bundles' inference.json on them with --bundle_root from a temporary
+working directory, and prints, per scan and bundle, the output's shape and affine against the scan's and the
+localisation AUROC of the difference map (or heat map) against the phantom's own finding mask on the scan's grid.
+
+    python bundles/counterfactual/scripts/user_formats.py [--out /tmp/user_formats] [--small]
+
+``--small`` uses 256^2, 128^2 and a 3 mm 64^3 brain (what tests/bundles/test_user_formats.py runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from monai_cfx.data import generate_phantom
+from monai_cfx.metrics import compute_localization_auroc
+
+BUNDLES = Path(__file__).resolve().parents[2]
+
+
+def write_dicom(path: Path, image: np.ndarray, spacing: float) -> None:
+    """A 16-bit monochrome radiograph (Digital X-Ray) of ``image`` (X, Y) in [0, 1], as pydicom writes it."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        "DX",
+        "phantom",
+        generate_uid(),
+        generate_uid(),
+    )
+    pixels = np.round(np.clip(image, 0, 1) * 4095).astype(np.uint16).T  # rows are the image's second axis
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [spacing, spacing]
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def write_scans(folder: Path, small: bool) -> list[dict]:
+    """Abnormal held-out phantoms (seeds from 1850, the bundles' testing split) in the three formats, with their
+    finding masks and a phrase for grounding; returns the datalist items."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    png_size, dicom_size, brain_size = (256, 128, 64) if small else (2048, 512, 200)
+    chest = next(
+        s for s in (generate_phantom("chest", seed, png_size) for seed in range(1850, 1900)) if len(s["findings"]) == 1
+    )
+    Image.fromarray(np.round(chest["image"][0] * 65535).astype(np.uint16).T).save(folder / "chest_16bit.png")
+    items.append(
+        dict(image="chest_16bit.png", mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0])
+    )
+    chest = next(
+        s
+        for s in (generate_phantom("chest", seed, dicom_size) for seed in range(1860, 1900))
+        if len(s["findings"]) == 1
+    )
+    write_dicom(folder / "chest.dcm", chest["image"][0], spacing=350.0 / dicom_size)
+    items.append(dict(image="chest.dcm", mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
+    brain = next(
+        s for s in (generate_phantom("brain", seed, brain_size) for seed in range(950, 1000)) if len(s["findings"]) == 1
+    )
+    nib.save(nib.Nifti1Image(brain["image"][0].astype(np.float32) * 1800.0, brain["affine"]), folder / "brain.nii.gz")
+    items.append(dict(image="brain.nii.gz", mask=brain["mask"][0], report=brain["report"], phrase=brain["phrases"][0]))
+    return items
+
+
+def run_bundle(bundle: str, configs: list[str], datalist: Path, out: Path, cwd: Path) -> float:
+    root = BUNDLES / bundle
+    command = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root), "--config_file"]
+    command += [str([str(root / "configs" / name) for name in configs]), "--datalist", str(datalist)]
+    command += ["--dataset_dir", str(datalist.parent), "--output_dir", str(out), "--data_list_key", "testing"]
+    start = time.perf_counter()
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{bundle} failed on {datalist}:\n{result.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def measure(items: list[dict], folder: Path, out: Path) -> list[dict]:
+    """Run both bundles on each scan; return one row per scan and bundle."""
+    rows = []
+    for item in items:
+        volume = item["image"].endswith(".nii.gz")
+        extra = ["3d.json"] if volume else []
+        datalist = folder / f"{Path(item['image']).stem.split('.')[0]}.json"
+        entry = {"image": item["image"], "prompt": "", "report": item["report"], "phrases": [item["phrase"]]}
+        datalist.write_text(json.dumps({"testing": [entry]}))
+        scan = nib.load(folder / item["image"]) if volume else None
+        for bundle, key, manifest in (
+            ("counterfactual", "difference", "counterfactuals.json"),
+            ("phrase_grounding", "heatmap", "grounding.json"),
+        ):
+            target = out / f"{bundle}_{datalist.stem}"
+            with tempfile.TemporaryDirectory() as elsewhere:
+                seconds = run_bundle(bundle, ["inference.json", *extra], datalist, target, Path(elsewhere))
+            record = json.loads((target / manifest).read_text())[0]
+            written = nib.load(target / record[key])
+            result = np.asarray(written.dataobj, dtype=np.float32)
+            mask = item["mask"] > 0.5
+            auroc = float(
+                compute_localization_auroc(torch.as_tensor(result)[None, None], torch.as_tensor(mask)[None, None])[0]
+            )
+            same_affine = scan is None or np.allclose(written.affine, scan.affine, atol=1e-4)
+            rows.append(
+                dict(
+                    scan=item["image"],
+                    bundle=bundle,
+                    input_shape=list(mask.shape),
+                    output_shape=list(result.shape),
+                    same_affine=bool(same_affine),
+                    auroc=round(auroc, 3),
+                    seconds=round(seconds, 1),
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/user_formats")
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    items = write_scans(out / "scans", args.small)
+    rows = measure(items, out / "scans", out)
+    (out / "user_formats.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
