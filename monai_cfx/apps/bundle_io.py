@@ -171,7 +171,7 @@ def check_output_dir(
     for name in manifest_names:
         if (path / name).exists() and not overwrite:
             raise FileExistsError(
-                f"`output_dir` {str(path)!r} holds {name!r} from an earlier run; choose another folder or pass "
+                f"output file {str(path / name)!r} exists (an earlier run's); choose another `output_dir` or pass "
                 "--overwrite true."
             )
     return path

@@ -161,7 +161,9 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
     unet, autoencoder = parser.get_parsed_content("load_diffusion"), parser.get_parsed_content("load_autoencoder")
     measures = parser.get_parsed_content("metrics_handler")
     text_encoder, prompt = parser.get_parsed_content("text_encoder"), parser.get_parsed_content("healthy_prompt")
-    difference = parser.get_parsed_content("postprocessing")
+    # the bundle's difference map (its postprocessing's first transform; the phantoms are at the model's size, so
+    # there is nothing to map back)
+    difference = parser.get_parsed_content("postprocessing#transforms#0")
     saver = CounterfactualSaver(output_dir / f"counterfactuals_{dims}", default_prompt=prompt, overwrite=overwrite)
     with torch.no_grad():
         context, uncond = text_encoder([prompt]), text_encoder.null_context(1)

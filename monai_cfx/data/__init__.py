@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .brain import BRAIN_FINDINGS, brain_phantom
 from .chest import CHEST_FINDINGS, chest_phantom
-from .collate import collate_scans
+from .collate import OwnGrid, UnwrapOwnGridd, collate_scans, own_grid_value
 from .dataset import (
     PHANTOM_KINDS,
     PhantomDataset,
@@ -35,6 +35,9 @@ __all__ = [
     "PhantomDataset",
     "brain_phantom",
     "collate_scans",
+    "own_grid_value",
+    "OwnGrid",
+    "UnwrapOwnGridd",
     "ensure_phantom_datalist",
     "chest_phantom",
     "generate_phantom",

@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
+from monai_cfx.data.collate import own_grid_value
 from monai_cfx.transforms.scan import fit_to_size
 
 from .checks import check_reconstruction
@@ -134,7 +135,7 @@ class CounterfactualPrepareBatch(PrepareBatch):
                 raise ValueError(
                     f"`region_mask_key` {self.region_mask_key!r} is not in the batch: {sorted(batchdata)}."
                 )
-            masks = batchdata[self.region_mask_key]
+            masks = own_grid_value(batchdata[self.region_mask_key])
             # a region mask on the scan's own grid is brought to the model's input as the image was
             masks = [masks[i : i + 1] for i in range(masks.shape[0])] if isinstance(masks, torch.Tensor) else masks
             side = images.shape[-1]

@@ -115,7 +115,10 @@ class TestUserDatalistAndBadInput(CounterfactualCase):
             self.configs("inference"), *FAST, *overrides[:4], "--output_dir", str(self.tmp / "wrong")
         )
         self.assertNotEqual(wrong.returncode, 0)
-        self.assertIn("3 spatial dimensions", wrong.stdout + wrong.stderr)
+        self.assertIn(
+            "volume.nii.gz' has shape (1, 16, 16, 16) (channel first): expected 2 spatial dimensions",
+            wrong.stdout + wrong.stderr,
+        )
         self.assertFalse(list((self.tmp / "wrong").glob("*.nii.gz")) if (self.tmp / "wrong").exists() else [])
 
 

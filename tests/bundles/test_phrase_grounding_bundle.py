@@ -159,6 +159,7 @@ class TestModelZooCXRReplica(GroundingCase):
             "--autoencoder_def#channels", "[8,8,8,8]", "--autoencoder_def#norm_num_groups", "8",
             "--diffusion_def#channels", "[16,16,16]", "--diffusion_def#norm_num_groups", "8",
             "--diffusion_def#num_head_channels", "[0,16,16]", "--cross_attention_dim", "32",
+            "--model_input#spatial_shape", "[64,64]",  # the replica is built for 64x64 images, not 512x512
         ]  # fmt: skip
         out = self.tmp / "cxr_out"
         result = self.run_configs(
@@ -180,7 +181,7 @@ class TestModelZooCXRReplica(GroundingCase):
             "--output_dir", str(self.tmp / "wrong"), "--legacy_keys", "False",
         )  # fmt: skip
         self.assertNotEqual(wrong.returncode, 0)
-        self.assertIn("diffusion_model.pth' does not fit DiffusionModelUNet", wrong.stdout + wrong.stderr)
+        self.assertIn("autoencoder.pth' does not fit AutoencoderKL", wrong.stdout + wrong.stderr)
 
 
 class TestPhraseGroundingMetadata(unittest.TestCase):

@@ -4,11 +4,11 @@ import unittest
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch
 from monai.transforms import Invertd
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
-from monai_cfx.data import collate_scans
+from monai_cfx.data import UnwrapOwnGridd, collate_scans
 from monai_cfx.transforms import CheckScand, ScaleIntensityToModeld, ScanToModelDimsd, fit_to_size
 
 
@@ -94,8 +94,16 @@ class TestFitAndCollate(unittest.TestCase):
         batch = [{"image": torch.zeros(1, 8, 8), "scan": torch.zeros(1, s, s), "prompt": "p"} for s in (10, 12)]
         collated = collate_scans(batch)
         self.assertEqual(tuple(collated["image"].shape), (2, 1, 8, 8))
-        self.assertIsInstance(collated["scan"], list)
+        # decollated, each item gets its own scan back whole
+        items = [UnwrapOwnGridd()(item) for item in decollate_batch(collated)]
+        self.assertEqual([tuple(item["scan"].shape) for item in items], [(1, 10, 10), (1, 12, 12)])
         self.assertEqual(collated["prompt"], ["p", "p"])
+        # scans from different readers carry different meta data keys: the model inputs still batch
+        png = MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "a.png", "spatial_shape": [8, 8]})
+        dicom = MetaTensor(torch.zeros(1, 8, 8), meta={"filename_or_obj": "b.dcm", "spatial_shape": [8, 8, 1], "x": 1})
+        mixed = collate_scans([{"image": png}, {"image": dicom}])["image"]
+        self.assertEqual(tuple(mixed.shape), (2, 1, 8, 8))
+        self.assertEqual(list(mixed.meta["filename_or_obj"]), ["a.png", "b.dcm"])
 
 
 class TestBundleChainRoundTrip(unittest.TestCase):

@@ -102,42 +102,48 @@ def run_bundle(bundle: str, configs: list[str], datalist: Path, out: Path, cwd: 
 
 
 def measure(items: list[dict], folder: Path, out: Path) -> list[dict]:
-    """Run both bundles on each scan; return one row per scan and bundle."""
+    """Run both bundles on the scans (one run per bundle for the 2D scans, one for the volume); return one row per
+    scan and bundle."""
     rows = []
-    for item in items:
-        volume = item["image"].endswith(".nii.gz")
-        extra = ["3d.json"] if volume else []
-        datalist = folder / f"{Path(item['image']).stem.split('.')[0]}.json"
-        entry = {"image": item["image"], "prompt": "", "report": item["report"], "phrases": [item["phrase"]]}
-        datalist.write_text(json.dumps({"testing": [entry]}))
-        scan = nib.load(folder / item["image"]) if volume else None
+    for volume in (False, True):
+        group = [item for item in items if item["image"].endswith(".nii.gz") == volume]
+        if not group:
+            continue
+        name = "volumes" if volume else "radiographs"
+        datalist = folder / f"{name}.json"
+        entries = [{"image": i["image"], "prompt": "", "report": i["report"], "phrases": [i["phrase"]]} for i in group]
+        datalist.write_text(json.dumps({"testing": entries}))
         for bundle, key, manifest in (
             ("counterfactual", "difference", "counterfactuals.json"),
             ("phrase_grounding", "heatmap", "grounding.json"),
         ):
-            target = out / f"{bundle}_{datalist.stem}"
+            target = out / f"{bundle}_{name}"
             with tempfile.TemporaryDirectory() as elsewhere:
-                seconds = run_bundle(bundle, ["inference.json", *extra], datalist, target, Path(elsewhere))
-            record = json.loads((target / manifest).read_text())[0]
-            written = nib.load(target / record[key])
-            result = np.asarray(written.dataobj, dtype=np.float32)
-            mask = item["mask"] > 0.5
-            auroc = float(
-                compute_localization_auroc(torch.as_tensor(result)[None, None], torch.as_tensor(mask)[None, None])[0]
-            )
-            same_affine = scan is None or np.allclose(written.affine, scan.affine, atol=1e-4)
-            rows.append(
-                dict(
-                    scan=item["image"],
-                    bundle=bundle,
-                    input_shape=list(mask.shape),
-                    output_shape=list(result.shape),
-                    same_affine=bool(same_affine),
-                    auroc=round(auroc, 3),
-                    seconds=round(seconds, 1),
+                seconds = run_bundle(
+                    bundle, ["inference.json", *(["3d.json"] if volume else [])], datalist, target, Path(elsewhere)
                 )
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            records = {Path(r["image"]).name: r for r in json.loads((target / manifest).read_text())}
+            for item in group:
+                record = records[Path(item["image"]).name]
+                written = nib.load(target / record[key])
+                result = np.asarray(written.dataobj, dtype=np.float32)
+                mask = item["mask"] > 0.5
+                auroc = compute_localization_auroc(
+                    torch.as_tensor(result)[None, None], torch.as_tensor(mask)[None, None]
+                )
+                scan = nib.load(folder / item["image"]) if volume else None
+                rows.append(
+                    dict(
+                        scan=item["image"],
+                        bundle=bundle,
+                        input_shape=list(mask.shape),
+                        output_shape=list(result.shape),
+                        same_affine=bool(scan is None or np.allclose(written.affine, scan.affine, atol=1e-4)),
+                        auroc=round(float(auroc[0]), 3),
+                        seconds_per_run=round(seconds, 1),
+                    )
+                )
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
