@@ -34,8 +34,9 @@ class TestKilledRunResumes(unittest.TestCase):
     def command(self, out: Path, *extra: str) -> list[str]:
         command = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE)]
         command += ["--config_file", str(BUNDLE / "configs" / "inference.json"), "--output_dir", str(out)]
-        command += ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40", "--seed", "5000"]
-        return command + ["--num_items", "4", "--batch_size", "1", "--num_inference_steps", "6", *extra]
+        command += ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "80", "--seed", "5000"]
+        # 8 items of 20 steps: each takes long enough that a stopped run is always stopped before its last item
+        return command + ["--num_items", "8", "--batch_size", "1", "--num_inference_steps", "20", *extra]
 
     def start(self, out: Path, *extra: str) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -62,6 +63,7 @@ class TestKilledRunResumes(unittest.TestCase):
         self.assertIsNone(process.poll(), "the run ended before it could be stopped")
         process.send_signal(sig)
         output, _ = process.communicate(timeout=120)
+        self.assertNotEqual(process.returncode, 0, "the run finished before the signal")
         return output
 
     def test_kill_interrupt_resume(self):
@@ -79,14 +81,14 @@ class TestKilledRunResumes(unittest.TestCase):
         self.assertGreaterEqual(first, 1)
 
         log = self.stop_after(self.start(out), staging, first + 1, signal.SIGINT)
-        self.assertIn(f"resuming an unfinished run: {first} of 4 items", log)
+        self.assertIn(f"resuming an unfinished run: {first} of 8 items", log)
         self.assertFalse(out.exists(), "an interrupted run left outputs")
         second = self.staged_records(staging)
         self.assertGreater(second, first)
 
         final = subprocess.run(self.command(out), cwd=self.tmp, env=env, capture_output=True, text=True)
         self.assertEqual(final.returncode, 0, final.stderr[-3000:])
-        self.assertIn(f"resuming an unfinished run: {second} of 4 items", final.stdout + final.stderr)
+        self.assertIn(f"resuming an unfinished run: {second} of 8 items", final.stdout + final.stderr)
         self.assertFalse(staging.exists())
         records = json.loads((out / "counterfactuals.json").read_text())
         expected = json.loads((reference / "counterfactuals.json").read_text())
