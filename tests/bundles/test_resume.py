@@ -40,6 +40,8 @@ class TestKilledRunResumes(unittest.TestCase):
 
     def start(self, out: Path, *extra: str) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # Ctrl-C as in a terminal: a test run started in the background (no job control) ignores SIGINT, and a
+        # child would inherit the ignored signal
         return subprocess.Popen(
             self.command(out, *extra),
             cwd=self.tmp,
@@ -47,6 +49,7 @@ class TestKilledRunResumes(unittest.TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     @staticmethod
