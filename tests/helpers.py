@@ -252,6 +252,18 @@ def verify_metadata(meta_file, bundle=LATENT_DIFFUSION_BUNDLE) -> subprocess.Com
     return subprocess.run([*cmd, "--filepath", str(SCHEMA)], cwd=bundle, env=env, capture_output=True, text=True)
 
 
+class TempFolderCase(unittest.TestCase):
+    """A test case with a temporary folder ``tmp`` for the whole class."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+
 class ShippedWeightsCase(unittest.TestCase):
     """A bundle that runs on the latent diffusion bundle's shipped weights, on phantoms of its own (in a temporary
     folder, ``num_subjects`` of them), with ``configs_3d`` merged for the 3D variant."""

@@ -37,7 +37,13 @@ from monai_cfx.networks.schedulers import (
     check_strength,
     strength_steps,
 )
-from monai_cfx.networks.utils import downsampling_factor, encode_mean, spatial_dims_of
+from monai_cfx.networks.utils import (
+    cross_attention_dim_of,
+    downsampling_factor,
+    encode_mean,
+    parameter_dtype_of,
+    spatial_dims_of,
+)
 from monai_cfx.utils import check_finite, check_option
 
 from .sampling import KeepSamples, SamplingHook, SamplingState, _run_loop, seeded_noise
@@ -65,19 +71,6 @@ class RegionBlendHook(SamplingHook):
     def after_step(self, state: SamplingState) -> None:
         known = self.known_latent(state.step_index)
         state.sample = self.latent_mask * state.sample + (1.0 - self.latent_mask) * known
-
-
-def _parameter_dtype(network: torch.nn.Module) -> torch.dtype | None:
-    parameter = next(network.parameters(), None)
-    return parameter.dtype if parameter is not None and parameter.is_floating_point() else None
-
-
-def _cross_attention_dim(network: torch.nn.Module) -> int | None:
-    """The text context width a MONAI ``DiffusionModelUNet`` takes (its first cross-attention's key input)."""
-    for module in network.modules():
-        if type(module).__name__ == "CrossAttentionBlock" and hasattr(module, "context_input_size"):
-            return int(module.context_input_size)
-    return None
 
 
 class CounterfactualInferer(Inferer):
@@ -207,7 +200,7 @@ class CounterfactualInferer(Inferer):
                 )
         if uncond_conditioning is not None and conditioning is None:
             raise ValueError("`uncond_conditioning` was given without `conditioning`: guidance needs both.")
-        context_dim = getattr(diffusion_model, "cross_attention_dim", None) or _cross_attention_dim(diffusion_model)
+        context_dim = cross_attention_dim_of(diffusion_model)
         for name, value in (("conditioning", conditioning), ("uncond_conditioning", uncond_conditioning)):
             if value is not None and context_dim is not None and (value.ndim != 3 or value.shape[-1] != context_dim):
                 raise ValueError(
@@ -258,7 +251,7 @@ class CounterfactualInferer(Inferer):
         self._check_inputs(inputs, diffusion_model, autoencoder_model, conditioning, uncond_conditioning, region_mask)
         # float64 / float16 images and contexts are cast to the networks' own float type (safe for images in the
         # autoencoder's range; MONAI's layers refuse mixed types); the output keeps the input's type
-        input_dtype, dtype = inputs.dtype, _parameter_dtype(diffusion_model)
+        input_dtype, dtype = inputs.dtype, parameter_dtype_of(diffusion_model)
         if dtype is not None and input_dtype != dtype:
             inputs = inputs.to(dtype)
         if dtype is not None:

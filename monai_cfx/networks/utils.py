@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["downsampling_factor", "encode_mean", "set_flash_attention", "spatial_dims_of"]
+__all__ = [
+    "cross_attention_dim_of",
+    "downsampling_factor",
+    "encode_mean",
+    "parameter_dtype_of",
+    "set_flash_attention",
+    "spatial_dims_of",
+]
 
 
 def set_flash_attention(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
@@ -85,3 +92,18 @@ def encode_mean(autoencoder_model: torch.nn.Module, images: torch.Tensor) -> tor
     if encode is not None and hasattr(autoencoder_model, "sampling"):
         return encode(images)[0]
     return autoencoder_model.encode_stage_2_inputs(images)
+
+
+def parameter_dtype_of(network: torch.nn.Module) -> torch.dtype | None:
+    """The float type of a network's parameters, or None for a network without float parameters."""
+    parameter = next(network.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else None
+
+
+def cross_attention_dim_of(network: torch.nn.Module) -> int | None:
+    """The text context width a MONAI ``DiffusionModelUNet`` takes (its first cross-attention block's context
+    input), or None for a network without cross-attention."""
+    for module in network.modules():
+        if type(module).__name__ == "CrossAttentionBlock" and hasattr(module, "context_input_size"):
+            return int(module.context_input_size)
+    return None

@@ -4,7 +4,6 @@ its outputs equal an uninterrupted run's. A run with other settings starts afres
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,20 +16,12 @@ import nibabel as nib
 import numpy as np
 
 from monai_cfx.handlers import CounterfactualSaver
-from tests.helpers import BUNDLES
+from tests.helpers import BUNDLES, TempFolderCase
 
 BUNDLE = BUNDLES / "counterfactual"
 
 
-class TestKilledRunResumes(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TestKilledRunResumes(TempFolderCase):
     def command(self, out: Path, *extra: str) -> list[str]:
         command = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE)]
         command += ["--config_file", str(BUNDLE / "configs" / "inference.json"), "--output_dir", str(out)]

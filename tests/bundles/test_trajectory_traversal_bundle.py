@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import unittest
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +25,7 @@ from PIL import Image
 
 from monai_cfx.data import generate_phantom, phantom_affine
 from monai_cfx.utils import write_json, write_nifti
-from tests.helpers import BUNDLES, check_ok, run_relocated, verify_metadata
+from tests.helpers import BUNDLES, TempFolderCase, check_ok, run_relocated, verify_metadata
 
 BUNDLE = BUNDLES / "trajectory_traversal"
 FAST = ["--num_inference_steps", "10", "--swap_steps", "[2, 5, 8]", "--num_frames", "6"]
@@ -38,15 +35,7 @@ def run(configs, *overrides, cwd) -> subprocess.CompletedProcess:
     return run_relocated(BUNDLE, configs, *overrides, cwd=cwd)
 
 
-class TraversalCase(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TraversalCase(TempFolderCase):
     def run_ok(self, configs, *overrides):
         result = run(configs, *overrides, cwd=self.tmp)
         check_ok(self, result)

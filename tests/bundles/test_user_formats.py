@@ -4,12 +4,9 @@ each scan's own grid (shape and affine) that still localise the finding (bundles
 user_formats.py --small; the full-size run is in the counterfactual bundle's README)."""
 
 import importlib.util
-import shutil
-import tempfile
 import unittest
-from pathlib import Path
 
-from tests.helpers import BUNDLES
+from tests.helpers import BUNDLES, TempFolderCase
 
 SCRIPT = BUNDLES / "counterfactual" / "scripts" / "user_formats.py"
 
@@ -21,15 +18,7 @@ def _script():
     return module
 
 
-class TestUserFormats(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TestUserFormats(TempFolderCase):
     def test_png_dicom_and_nifti_come_back_on_their_grids(self):
         script = _script()
         items = script.write_scans(self.tmp / "scans", small=True)
