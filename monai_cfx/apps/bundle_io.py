@@ -24,7 +24,15 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["check_cli_overrides", "check_in_distribution", "check_output_dir", "load_datalist", "validate_items"]
+__all__ = [
+    "check_cli_overrides",
+    "check_in_distribution",
+    "check_output_dir",
+    "load_datalist",
+    "prepare_scans",
+    "to_scan_grid",
+    "validate_items",
+]
 
 # the MONAI CLI's own arguments of `python -m monai.bundle run`, which are not config keys
 _CLI_ARGUMENTS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking", "args_file"}
@@ -144,6 +152,70 @@ def check_in_distribution(
         image = transform(dict(item))[image_key]
         # the MetaTensor keeps the file name for the message
         check_reconstruction(autoencoder, image[None].to(device), max_reconstruction_mse)
+
+
+def prepare_scans(
+    items: Sequence[Mapping[str, Any]],
+    preprocessing: Callable[[Any], Any],
+    autoencoder: Any = None,
+    max_reconstruction_mse: float | None = None,
+    image_key: str = "image",
+    scan_key: str = "scan",
+) -> dict[str, Any]:
+    """Bring every item's scan to the model's input with ``preprocessing`` (e.g.
+    :func:`~monai_cfx.transforms.scan_preprocessing`), once, for the bundles that hold their inputs in memory
+    (explanations, traversals). A bad item is refused as by :func:`validate_items`; with an ``autoencoder`` and a
+    ``max_reconstruction_mse`` the model inputs go through the out-of-distribution check of
+    :func:`check_in_distribution`.
+
+    Returns:
+        ``{"images": (N, C, *model spatial), "prepared": [item dicts], "names": [unique file stems],
+        "affines": [scan affines]}``: ``prepared[i]`` holds the model input (with the transforms' record, for
+        :func:`to_scan_grid`) and the scan in model intensity units under ``scan_key``.
+    """
+    import numpy as np
+    import torch
+
+    validate_items(items, lambda item: None, image_key)  # refuses an empty list
+    prepared = []
+    for index, item in enumerate(items):
+        try:
+            prepared.append(preprocessing(dict(item)))
+        except Exception as error:  # noqa: BLE001 - re-raised with the item named
+            root = error
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise ValueError(
+                f"item {index} ({item.get(image_key)!r}) cannot be used: {type(root).__name__}: {root}"
+            ) from error
+    if max_reconstruction_mse is not None and autoencoder is not None:
+        from monai_cfx.engines import check_reconstruction
+
+        device = next(autoencoder.parameters()).device
+        for item in prepared:
+            check_reconstruction(autoencoder, item[image_key][None].to(device), max_reconstruction_mse)
+    names = [Path(str(item[image_key])).name.split(".")[0] for item in items]
+    if len(set(names)) < len(names):
+        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
+    images = torch.stack([torch.as_tensor(item[image_key]).float() for item in prepared])
+    affines = [np.asarray(item[scan_key].affine, dtype=float) for item in prepared]
+    return {"images": images, "prepared": prepared, "names": names, "affines": affines}
+
+
+def to_scan_grid(output: Any, prepared: Mapping[str, Any], preprocessing: Any, image_key: str = "image") -> Any:
+    """Map a model-grid output ``(C, *model spatial)`` of one item (any number of channels: an image, a map, the
+    frames of a trajectory) back onto that item's scan grid with MONAI's ``Invertd`` and the item's own record of
+    ``preprocessing`` (:func:`prepare_scans`): the scan's shape, orientation and affine."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    reference = prepared[image_key]
+    output = MetaTensor(torch.as_tensor(output).float().cpu(), meta=dict(reference.meta))
+    inverted = Invertd(keys="output", transform=preprocessing, orig_keys=image_key, nearest_interp=False)(
+        {image_key: reference, "output": output}
+    )
+    return inverted["output"]
 
 
 def check_output_dir(

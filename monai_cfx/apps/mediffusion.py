@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 
+from monai_cfx.apps.bundle_io import to_scan_grid
 from monai_cfx.engines import DiffMatchLoss, LabelledBatchSampler, StrongLatentAugment
 from monai_cfx.inferers import ClassifierGuidanceHook, CounterfactualInferer
 from monai_cfx.networks.nets import JointDiffusionUNet
@@ -55,6 +56,7 @@ __all__ = [
     "labelled_batch_sampler",
     "load_images",
     "load_joint_network",
+    "oracle_baseline",
     "publish_model",
 ]
 
@@ -222,39 +224,82 @@ def publish_model(
     return Path(model_path)
 
 
+def oracle_baseline(
+    latent_diffusion_root: str | os.PathLike,
+    latent_diffusion_configs: Sequence[str],
+    labelled_items: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    model_name: str,
+    max_epochs: int,
+    val_interval: int = 1,
+    log_every: int = 25,
+    **overrides: Any,
+) -> Any:
+    """The image-space baseline of the joint model's classification results: the latent diffusion bundle's oracle
+    (``oracle_def``) trained by that bundle's ``configs/train_oracle.json`` (its optimiser, learning rate, batch size
+    and augmentation) on ``labelled_items`` only, validated every ``val_interval`` epochs on its validation split
+    (macro AUROC) with the best checkpoint kept as ``output_dir/<model_name>_best.pt``. The oracle's own final
+    checkpoint (the shipped ``oracle_<dims>.pt``) is never written.
+
+    Returns:
+        the parsed training config (``parser.get_parsed_content("train#trainer").run()`` trains).
+    """
+    from monai_cfx.apps.bundle_config import load_bundle_config
+
+    if not labelled_items:
+        raise ValueError("`labelled_items` is empty: the baseline needs labelled training items.")
+    handlers = {
+        "train#handlers": [
+            {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+             "interval": int(val_interval)},
+            {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform":
+             "$monai.handlers.from_engine(['loss'], first=True)", "iteration_log":
+             f"$lambda engine, iteration: iteration % {int(log_every)} == 0"},
+        ],
+        "validate#handlers": [
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "CheckpointSaver", "save_dir": str(output_dir), "save_dict": {"model": "@network"},
+             "save_key_metric": True, "key_metric_filename": f"{model_name}_best.pt"},
+        ],
+    }  # fmt: skip
+    return load_bundle_config(
+        latent_diffusion_root,
+        [*latent_diffusion_configs, "configs/train_oracle.json"],
+        **overrides,
+        max_epochs=int(max_epochs),
+        **{"train#dataset#data": [dict(item) for item in labelled_items]},
+        **handlers,
+    )
+
+
 def load_images(
     datalist: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     data_list_key: str,
-    image_size: int,
-    spatial_dims: int,
+    preprocessing: Any,
     num_items: int | None = None,
     require_labels: bool = False,
+    autoencoder: torch.nn.Module | None = None,
+    max_reconstruction_mse: float | None = None,
 ) -> dict[str, Any]:
-    """The images of a MONAI datalist's ``data_list_key`` items (the first ``num_items``), checked:
-    ``{"images", "affines", "names", "labels"}`` (``labels`` ``(N, K)``, or ``None`` when an item has none).
+    """The scans of a MONAI datalist's ``data_list_key`` items (the first ``num_items``), brought to the model's
+    input by ``preprocessing`` (:func:`~monai_cfx.transforms.scan_preprocessing`: any size, NIfTI, DICOM, PNG or
+    JPEG, the intensity rule), refused when they cannot be made meaningful or (with ``autoencoder`` and
+    ``max_reconstruction_mse``) are not scans of the model's kind: :func:`~monai_cfx.apps.bundle_io.prepare_scans`'s
+    ``{"images", "prepared", "names", "affines"}`` plus ``labels`` ``(N, K)`` (``None`` when an item has none).
 
     Raises:
         FileNotFoundError: when the datalist does not exist.
-        ValueError: for no items, a ``num_items`` below 1, an image that is not one channel of the model's size (the
-            message names the file), or missing labels when ``require_labels``.
+        ValueError: for no items, a ``num_items`` below 1, an empty or missing ``image``, a scan that cannot be
+            used (the message names the file), or missing labels when ``require_labels``.
     """
-    from monai.data import load_decathlon_datalist
+    from monai_cfx.apps.bundle_io import load_datalist, prepare_scans
 
-    from monai_cfx.apps.traversal import load_scans
-
-    if not Path(datalist).is_file():
-        raise FileNotFoundError(f"datalist {str(datalist)!r} not found.")
     if num_items is not None and (isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1):
         raise ValueError(f"`num_items` must be an int >= 1 or null, got {num_items!r}.")
-    items = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=data_list_key, base_dir=dataset_dir)
+    items = load_datalist(datalist, data_list_key, dataset_dir, path_keys=["image"])
     items = items[:num_items] if num_items is not None else items
-    if not items:
-        raise ValueError(f"datalist {str(datalist)!r} has no {data_list_key!r} items.")
-    images, affines = load_scans(items, image_size, spatial_dims)
-    names = [Path(item["image"]).name.split(".")[0] for item in items]
-    if len(set(names)) < len(names):
-        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]
+    inputs = prepare_scans(items, preprocessing, autoencoder, max_reconstruction_mse)
     labelled = all("label" in item for item in items)
     if require_labels and not labelled:
         missing = [index for index, item in enumerate(items) if "label" not in item]
@@ -264,7 +309,7 @@ def load_images(
         if labelled
         else None
     )
-    return {"images": images, "affines": affines, "names": names, "labels": labels}
+    return {**inputs, "labels": labels}
 
 
 @torch.no_grad()
@@ -303,7 +348,7 @@ def _auroc(probabilities: torch.Tensor, labels: torch.Tensor, label_names: Seque
 
 
 def evaluate_head(
-    network: JointDiffusionUNet,
+    network: torch.nn.Module,
     autoencoder: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -313,8 +358,10 @@ def evaluate_head(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Per-finding and macro AUROC (MONAI's ``compute_roc_auc``) of the joint network's head on labelled images,
-    with the positive count of each finding and the accuracy at 0.5.
+    """Per-finding and macro AUROC (MONAI's ``compute_roc_auc``) of a classifier on labelled images, with the
+    positive count of each finding and the accuracy at 0.5. ``network`` is the joint network (its head on the
+    latents, :func:`head_probabilities`) or an image classifier with ``logits_and_embedding``, such as the
+    :func:`oracle_baseline` (``autoencoder``, ``scale_factor`` and ``context`` are then unused).
 
     Raises:
         ValueError: when the labels do not have one column per finding of ``label_names``.
@@ -322,10 +369,15 @@ def evaluate_head(
     labels = torch.as_tensor(labels).float().reshape(len(images), -1)
     if labels.shape[1] != len(label_names):
         raise ValueError(f"the labels have {labels.shape[1]} findings, `label_names` {len(label_names)}.")
-    probabilities = head_probabilities(network, autoencoder, images, scale_factor, context, batch_size, device)
+    if isinstance(network, JointDiffusionUNet):
+        probabilities = head_probabilities(network, autoencoder, images, scale_factor, context, batch_size, device)
+    else:
+        from monai_cfx.metrics import oracle_predict
+
+        probabilities, _ = oracle_predict(network, images, batch_size, device)
     if probabilities.shape[1] != len(label_names):
         raise ValueError(
-            f"the head gives {probabilities.shape[1]} outputs, `label_names` names {len(label_names)} findings."
+            f"the classifier gives {probabilities.shape[1]} outputs, `label_names` names {len(label_names)} findings."
         )
     accuracy = ((probabilities > 0.5) == (labels > 0.5)).float().mean(0)
     return {
@@ -362,6 +414,7 @@ def explain_predictions(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    preprocessing: Any = None,
 ) -> dict[str, Any]:
     """Explain the head's predictions: for each image, the probabilities; every finding predicted
     (``p > decision_threshold``) is removed with ``inferer`` (a :class:`~monai_cfx.inferers.CounterfactualInferer`)
@@ -374,11 +427,16 @@ def explain_predictions(
     Writes into ``output_dir``, all together or not at all: ``<name>_counterfactual.nii.gz`` and
     ``<name>_difference.nii.gz`` (signed image minus counterfactual) with the input's affine, ``<name>_panel.png``
     in 2D (image, counterfactual, ``difference``'s map), and ``explanations.json`` with the probabilities before and
-    after, the findings removed and the settings.
+    after, the findings removed and the settings. With ``preprocessing`` and ``inputs`` from :func:`load_images`,
+    the counterfactual is mapped back onto each scan's own grid (shape, orientation, affine) and the difference is
+    the scan (in model intensity units) minus it.
 
     Args:
-        inputs: ``{"images": (N, C, *spatial), "affines": [...], "names": [...], "labels": (N, K) or None}``.
+        inputs: ``{"images": (N, C, *spatial), "affines": [...], "names": [...], "labels": (N, K) or None}`` and,
+            from :func:`load_images`, ``"prepared"`` (each item's record of ``preprocessing``).
         difference: the panel's map (default: absolute, normalised).
+        preprocessing: the chain that made ``inputs`` (its inverse maps the outputs back); ``None`` keeps the
+            outputs on the model's grid.
 
     Returns:
         the record written to ``explanations.json``.
@@ -413,6 +471,10 @@ def explain_predictions(
     with atomic_directory(output_dir, overwrite) as folder:
         for index, (name, affine) in enumerate(zip(names, affines)):
             image, edited = images[index].float().cpu(), counterfactual[index]
+            if preprocessing is not None and "prepared" in inputs:
+                prepared = inputs["prepared"][index]
+                edited = to_scan_grid(edited, prepared, preprocessing).as_tensor()
+                image = torch.as_tensor(prepared["scan"]).float().cpu()
             removed = [label_names[k] for k in np.flatnonzero(before[index].numpy() > decision_threshold)]
             files = {"counterfactual": f"{name}_counterfactual.nii.gz", "difference": f"{name}_difference.nii.gz"}
             write_nifti(edited.numpy(), affine, folder / files["counterfactual"])

@@ -13,7 +13,6 @@ and evaluate CFRT, the cosine curve and identity preservation over seeds (the co
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_cfx.apps.bundle_io import to_scan_grid
 from monai_cfx.data import generate_phantom
 from monai_cfx.inferers import TrajectoryTraversalInferer, linear_path, seeded_noise
 from monai_cfx.metrics import (
@@ -40,17 +40,12 @@ from monai_cfx.visualize import plot_image_strip, plot_traversal_curves, save_tr
 
 __all__ = [
     "evaluate_traversal",
-    "load_scans",
     "run_inference",
     "save_traversal",
     "traversal_inputs",
     "traverse",
     "write_evaluation",
 ]
-
-
-# intensities a little outside [0, 1] (interpolation, rounding of a written file) are still the model's range
-INTENSITY_TOLERANCE = 1e-3
 
 
 def _check_prompts(neutral_prompt: Any, target_prompt: Any) -> None:
@@ -64,57 +59,30 @@ def _check_prompts(neutral_prompt: Any, target_prompt: Any) -> None:
         )
 
 
-def load_scans(items: Sequence[Mapping[str, Any]], image_size: int, spatial_dims: int) -> tuple[torch.Tensor, list]:
-    """Load the ``image`` of each datalist item as ``(N, 1, *[image_size] * spatial_dims)`` with its affine.
-
-    Raises:
-        ValueError: when there is no item, or an image is not one channel of the model's size, holds NaN or Inf, or
-            has intensities outside [0, 1] (the error names the file and what was expected).
-    """
-    from monai.transforms import EnsureChannelFirst, LoadImage
-
-    if not items:
-        raise ValueError("the datalist holds no item to traverse.")
-    loader, channel_first = LoadImage(image_only=True), EnsureChannelFirst()
-    images, affines = [], []
-    expected = (1, *[image_size] * spatial_dims)
-    for item in items:
-        image = channel_first(loader(item["image"]))
-        if tuple(image.shape) != expected:
-            raise ValueError(
-                f"scan {item['image']!r} has shape {tuple(image.shape)}, but this bundle's model takes {expected} "
-                "(one channel at the model's size)."
-            )
-        if not bool(torch.isfinite(image.as_tensor()).all()):
-            raise ValueError(f"scan {item['image']!r} holds NaN or Inf values.")
-        low, high = float(image.min()), float(image.max())
-        if low < -INTENSITY_TOLERANCE or high > 1.0 + INTENSITY_TOLERANCE:
-            raise ValueError(
-                f"scan {item['image']!r} has intensities in [{low:g}, {high:g}], but this bundle's model takes [0, 1]: "
-                "rescale it first (e.g. MONAI's ScaleIntensityRange with the scanner's window)."
-            )
-        images.append(image.as_tensor().float())
-        affines.append(np.asarray(image.affine))
-    return torch.stack(images), affines
-
-
 def traversal_inputs(
     seeds: Sequence[int] | None,
     datalist: str | os.PathLike | None,
     dataset_dir: str | os.PathLike,
     data_list_key: str,
-    image_size: int,
-    spatial_dims: int,
+    preprocessing: Any,
+    autoencoder: torch.nn.Module | None = None,
+    max_reconstruction_mse: float | None = None,
 ) -> dict[str, Any]:
-    """What the inference config traverses, checked before any model is loaded: the scans of ``datalist``
-    (``{"images", "affines", "names"}`` with :func:`load_scans`, names from the files' stems), or else ``seeds``.
+    """What the inference config traverses, checked before the diffusion model is loaded: the scans of ``datalist``
+    brought to the model's input by ``preprocessing`` (:func:`~monai_cfx.transforms.scan_preprocessing`, through
+    :func:`~monai_cfx.apps.bundle_io.prepare_scans`, with the out-of-distribution check when ``autoencoder`` and
+    ``max_reconstruction_mse`` are given), or else ``seeds``.
+
+    Returns:
+        ``{"seeds": [...] or None, "scans": None or prepare_scans' {"images", "prepared", "names", "affines"}}``.
 
     Raises:
         FileNotFoundError: when the datalist does not exist.
         ValueError: when the datalist has no ``data_list_key`` items, an item's ``image`` is missing or empty, a scan
-            does not fit, or (without a datalist) ``seeds`` is empty or not a list of ints.
+            cannot be used (the message names the file), or (without a datalist) ``seeds`` is empty or not a list
+            of ints.
     """
-    from monai.data import load_decathlon_datalist
+    from monai_cfx.apps.bundle_io import load_datalist, prepare_scans
 
     if datalist is None:
         valid = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0
@@ -124,23 +92,8 @@ def traversal_inputs(
         if repeated:
             raise ValueError(f"`seeds` must not repeat a seed (each names its own outputs), got {repeated} twice.")
         return {"seeds": [int(s) for s in seeds], "scans": None}  # type: ignore[union-attr]
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {str(datalist)!r} not found.")
-    # read the raw items first: MONAI joins any string onto dataset_dir, so an empty one would become the folder
-    raw = json.loads(path.read_text()).get(data_list_key)
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"datalist {str(datalist)!r} has no {data_list_key!r} items to traverse.")
-    missing = [i for i, item in enumerate(raw) if not isinstance(item, dict) or not isinstance(item.get("image"), str)
-               or not item["image"].strip()]  # fmt: skip
-    if missing:
-        raise ValueError(f"datalist {str(datalist)!r}: {data_list_key} items {missing} have no 'image' file.")
-    items = load_decathlon_datalist(path, is_segmentation=False, data_list_key=data_list_key, base_dir=dataset_dir)
-    images, affines = load_scans(items, image_size, spatial_dims)
-    names = [Path(item["image"]).name.split(".")[0] for item in items]
-    if len(set(names)) < len(names):
-        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
-    return {"seeds": None, "scans": {"images": images, "affines": affines, "names": names}}
+    items = load_datalist(datalist, data_list_key, dataset_dir, path_keys=["image"])
+    return {"seeds": None, "scans": prepare_scans(items, preprocessing, autoencoder, max_reconstruction_mse)}
 
 
 def run_inference(
@@ -162,20 +115,25 @@ def run_inference(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    preprocessing: Any = None,
 ) -> dict[str, Any]:
     """The inference config's job: traverse the scans of ``inputs`` (:func:`traversal_inputs`) with ``scan_inferer``,
-    or else its seeds with ``inferer``, and write the outputs with :func:`save_traversal`."""
+    or else its seeds with ``inferer``, and write the outputs with :func:`save_traversal` (the scans' NIfTI outputs
+    back on each scan's own grid through ``preprocessing``'s inverse)."""
     scans, seeds = inputs["scans"], inputs["seeds"]
     if scans is not None:
         run = traverse(scan_inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
                        images=scans["images"], batch_size=batch_size, device=device)  # fmt: skip
         names, affines = scans["names"], scans["affines"]
+        scan_grids = scans.get("prepared")
     else:
         run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
                        seeds=seeds, latent_shape=latent_shape, batch_size=batch_size, device=device)  # fmt: skip
         names, affines = [f"seed_{int(seed)}" for seed in seeds], [affine] * len(seeds)
+        scan_grids = None
     return save_traversal(run, output_dir, names, affines, settings, oracle=oracle, label_names=label_names,
-                          device=device, overwrite=overwrite)  # fmt: skip
+                          device=device, overwrite=overwrite, scan_grids=scan_grids,
+                          preprocessing=preprocessing)  # fmt: skip
 
 
 @torch.no_grad()
@@ -279,6 +237,8 @@ def save_traversal(
     strip_frames: int = 10,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    scan_grids: Sequence[Mapping[str, Any]] | None = None,
+    preprocessing: Any = None,
 ) -> dict[str, Any]:
     """Write a :func:`traverse` result into ``output_dir``, all together or not at all (a temporary folder renamed
     at the end; an existing folder is replaced only with ``overwrite``).
@@ -287,7 +247,9 @@ def save_traversal(
     dimension; 3D: ``<name>_frame_XX.nii.gz``), the λ sweep likewise (``_swaps``), ``<name>_strip.png`` (frames)
     and ``<name>_swaps.png`` (the sweep; 3D: middle slices), ``<name>.gif`` and ``<name>_latents.pt`` (tensors
     only, readable with ``torch.load(..., weights_only=True)``); and ``traversal.json`` with the settings, the files
-    and the oracle's probabilities per frame and per swap.
+    and the oracle's probabilities per frame and per swap. With ``scan_grids`` (each scan's record of
+    ``preprocessing``, :func:`~monai_cfx.apps.bundle_io.prepare_scans`) the NIfTI frames and swaps are mapped back
+    onto each scan's own grid; the figures and latents stay on the model's grid.
 
     Returns:
         the record written to ``traversal.json``.
@@ -308,15 +270,19 @@ def save_traversal(
         for index, (name, affine) in enumerate(zip(names, affines)):
             files: dict[str, Any] = {}
             for key, images in (("frames", frames[:, index]), ("swaps", swaps[:, index])):
+                # (K, *spatial): the K frames as channels, so one inverse maps them all onto the scan's grid
+                volumes = images[:, 0]
+                if scan_grids is not None and preprocessing is not None:
+                    volumes = to_scan_grid(volumes, scan_grids[index], preprocessing).as_tensor()
                 if spatial_dims == 2:
                     files[key] = f"{name}_{key}.nii.gz"
-                    write_nifti(images[:, 0].numpy(), affine, folder / files[key])
+                    write_nifti(volumes.numpy(), affine, folder / files[key])
                 else:
                     label = "frame" if key == "frames" else "swap"
                     steps = range(len(images)) if key == "frames" else swap_steps
                     files[key] = [f"{name}_{label}_{step:02d}.nii.gz" for step in steps]
-                    for image, file in zip(images, files[key]):
-                        write_nifti(image.numpy(), affine, folder / file)
+                    for volume, file in zip(volumes, files[key]):
+                        write_nifti(volume[None].numpy(), affine, folder / file)
             files["strip"], files["swaps_png"], files["gif"] = f"{name}_strip.png", f"{name}_swaps.png", f"{name}.gif"
             route = f"{settings.get('neutral_prompt')} -> {settings.get('target_prompt')}"
             plot_image_strip(frames[shown, index], [f"frame {k}" for k in shown], folder / files["strip"],

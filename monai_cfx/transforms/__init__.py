@@ -31,7 +31,15 @@ from .grounding import (
     phrase_list,
 )
 from .latent import EncodeLatentd
-from .scan import INTENSITY_MODES, CheckScand, ScaleIntensityToModeld, ScanToModelDimsd, fit_to_size, scan_name
+from .scan import (
+    INTENSITY_MODES,
+    CheckScand,
+    ScaleIntensityToModeld,
+    ScanToModelDimsd,
+    fit_to_size,
+    scan_name,
+    scan_preprocessing,
+)
 
 __all__ = [
     "CheckScand",
@@ -40,6 +48,7 @@ __all__ = [
     "ScanToModelDimsd",
     "fit_to_size",
     "scan_name",
+    "scan_preprocessing",
     "DifferenceMap",
     "DifferenceMapD",
     "DifferenceMapDict",

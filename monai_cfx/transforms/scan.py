@@ -32,7 +32,15 @@ from monai.utils import ensure_tuple
 
 from monai_cfx.utils import check_option
 
-__all__ = ["CheckScand", "INTENSITY_MODES", "ScaleIntensityToModeld", "ScanToModelDimsd", "fit_to_size", "scan_name"]
+__all__ = [
+    "CheckScand",
+    "INTENSITY_MODES",
+    "ScaleIntensityToModeld",
+    "ScanToModelDimsd",
+    "fit_to_size",
+    "scan_name",
+    "scan_preprocessing",
+]
 
 # ITU-R BT.601 luma, the weights of most RGB-to-grey conversions of radiographs exported as colour images
 _LUMA = (0.299, 0.587, 0.114)
@@ -243,3 +251,71 @@ def fit_to_size(images: torch.Tensor, size: int, mode: str = "area") -> torch.Te
     for side in reversed(resized.shape[2:]):
         padding += [(size - side) // 2, size - side - (size - side) // 2]
     return torch.nn.functional.pad(resized, padding)
+
+
+def scan_preprocessing(
+    image_size: int,
+    spatial_dims: int,
+    intensity: Mapping[str, Any] | None = None,
+    axcodes: str | None = None,
+    max_anisotropy: float = 2.0,
+    image_key: str = "image",
+    scan_key: str = "scan",
+) -> Any:
+    """The chain that brings one scan of a datalist item to a model's input, as the counterfactual and grounding
+    bundles' configs spell it out: load (NIfTI, DICOM file or series folder, PNG, JPEG), grey and the model's
+    dimensions (:class:`ScanToModelDimsd`), refuse what cannot be made meaningful (:class:`CheckScand`), the
+    intensity rule (:class:`ScaleIntensityToModeld`), a copy of the scan in model units under ``scan_key``, then
+    MONAI's invertible ``Orientationd`` (when ``axcodes``), ``Resized`` of the longest side to ``image_size`` and
+    ``SpatialPadd``. ``Invertd`` with this chain maps a model-grid output back onto the scan's own grid.
+
+    Args:
+        image_size: the model's input size along every spatial axis.
+        spatial_dims: 2 or 3.
+        intensity: ``network_data_format``'s rule, ``{"mode", "percentiles", "target"}`` and optionally
+            ``"window"`` (see :class:`ScaleIntensityToModeld`); ``None`` takes scans already in [0, 1].
+        axcodes: orientation of the model's input in 3D (e.g. ``"RAS"``), or ``None`` to keep the scan's.
+        max_anisotropy: voxels longer than this ratio along one axis are refused.
+    """
+    from monai.transforms import (
+        Compose,
+        CopyItemsd,
+        EnsureTyped,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        SelectItemsd,
+        SpatialPadd,
+    )
+
+    rule = dict(intensity or {"mode": "none"})
+    lower, upper = rule.get("percentiles", (0.5, 99.5))
+    transforms = [
+        SelectItemsd(keys=[image_key, "label"], allow_missing_keys=True),
+        LoadImaged(keys=image_key, image_only=True, ensure_channel_first=True),
+        EnsureTyped(keys=image_key, dtype=torch.float32),
+        ScanToModelDimsd(keys=image_key, spatial_dims=spatial_dims),
+        CheckScand(keys=image_key, min_size=image_size, max_anisotropy=max_anisotropy),
+        ScaleIntensityToModeld(
+            keys=image_key,
+            mode=rule.get("mode", "none"),
+            lower=lower,
+            upper=upper,
+            target=rule.get("target", (0.0, 1.0)),
+            window=rule.get("window"),
+        ),
+        CopyItemsd(keys=image_key, names=scan_key),
+    ]
+    if axcodes:
+        transforms.append(Orientationd(keys=image_key, axcodes=axcodes))
+    transforms += [
+        Resized(
+            keys=image_key,
+            spatial_size=image_size,
+            size_mode="longest",
+            mode="bilinear" if spatial_dims == 2 else "trilinear",
+            anti_aliasing=True,
+        ),
+        SpatialPadd(keys=image_key, spatial_size=[image_size] * spatial_dims),
+    ]
+    return Compose(transforms)

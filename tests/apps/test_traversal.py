@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import unittest
 from pathlib import Path
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from monai_cfx.apps.traversal import evaluate_traversal, load_scans, save_traversal, traversal_inputs, traverse
+from monai_cfx.apps.bundle_io import to_scan_grid
+from monai_cfx.apps.traversal import evaluate_traversal, save_traversal, traversal_inputs, traverse
 from monai_cfx.inferers import TrajectoryTraversalInferer
+from monai_cfx.transforms import scan_preprocessing
 from monai_cfx.utils import write_nifti
 from tests.helpers import CONTEXT_DIM, ProjectionOracle, tiny_networks
 
@@ -73,15 +76,26 @@ class TestTraverse(unittest.TestCase):
             traverse(inferer(), *args, "normal", "effusion", seeds=[0])
 
     def test_inputs_are_refused_before_any_model(self):
+        chain = scan_preprocessing(64, 2, {"mode": "percentile", "percentiles": [0.5, 99.5], "target": [0.0, 0.8]})
         with self.assertRaisesRegex(ValueError, r"`seeds` must not repeat a seed.*\[0\]"):
-            traversal_inputs([0, 1, 0], None, ".", "testing", 64, 2)
+            traversal_inputs([0, 1, 0], None, ".", "testing", chain)
         with tempfile.TemporaryDirectory() as root:
-            for name, array in (("ct.nii.gz", np.full((1, 64, 64), 4095.0)), ("ok.nii.gz", np.full((1, 64, 64), 0.5))):
-                write_nifti(array.astype(np.float32), np.eye(4), Path(root, name))
-            with self.assertRaisesRegex(ValueError, r"ct\.nii\.gz.*\[4095, 4095\].*\[0, 1\]"):
-                load_scans([{"image": str(Path(root, "ct.nii.gz"))}], 64, 2)
-            images, _ = load_scans([{"image": str(Path(root, "ok.nii.gz"))}], 64, 2)
-            self.assertEqual(tuple(images.shape), (1, 1, 64, 64))
+            scan = np.random.default_rng(0).uniform(0, 4095, (1, 96, 128)).astype(np.float32)
+            affine = np.diag([-0.5, -0.7, 1.0, 1.0])
+            write_nifti(np.full((1, 64, 64), 4095.0, np.float32), np.eye(4), Path(root, "flat.nii.gz"))
+            write_nifti(scan, affine, Path(root, "ct.nii.gz"))
+            for name, items in (("bad", ["flat.nii.gz"]), ("good", ["ct.nii.gz"])):
+                Path(root, f"{name}.json").write_text(json.dumps({"testing": [{"image": item} for item in items]}))
+            with self.assertRaisesRegex(ValueError, r"flat\.nii\.gz"):
+                traversal_inputs(None, Path(root, "bad.json"), root, "testing", chain)
+            scans = traversal_inputs(None, Path(root, "good.json"), root, "testing", chain)["scans"]
+            self.assertEqual(tuple(scans["images"].shape), (1, 1, 64, 64))  # any size is brought to the model's
+            self.assertEqual(scans["names"], ["ct"])
+            np.testing.assert_allclose(scans["affines"][0], affine)
+            # two model-grid frames map back onto the scan's own grid together
+            back = to_scan_grid(scans["images"][0].repeat(2, 1, 1), scans["prepared"][0], chain)
+            self.assertEqual(tuple(back.shape), (2, 96, 128))
+            np.testing.assert_allclose(np.asarray(back.affine), affine, atol=1e-6)
 
     def test_save_is_all_or_nothing(self):
         run = traverse(inferer(), self.unet, self.autoencoder, self.text_encoder, "normal", "effusion", seeds=[1, 2],

@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from monai_cfx.data import ensure_phantom_datalist, phantom_affine
+from monai_cfx.data import ensure_phantom_datalist, generate_phantom, phantom_affine
+from monai_cfx.utils import write_json, write_nifti
 from tests.helpers import BUNDLES, check_ok, run_relocated, verify_metadata
 
 BUNDLE = BUNDLES / "mediffusion"
@@ -140,6 +141,24 @@ class TestMediffusionBundle2D(MediffusionCase):
                 self.assertTrue((explained / item["files"]["panel"]).is_file())
         self.assertFalse(any(p.name.startswith(".") for p in explained.iterdir()))
 
+        # a user's scan of another size, range and grid is brought to the model and explained back on its own grid
+        scan_size = {2: 128, 3: 48}[self.spatial_dims]
+        affine = np.diag([0.7] * self.spatial_dims + [1.0] * (4 - self.spatial_dims))
+        scans = self.tmp / f"scans_{self.dims}"
+        scans.mkdir()
+        image = generate_phantom(self.kind, 9100, size=scan_size)["image"] * 4095.0  # a CT-like range
+        write_nifti(image.astype(np.float32), affine, scans / "user_scan.nii.gz")
+        write_json({"testing": [{"image": "user_scan.nii.gz"}]}, scans / "datalist.json")
+        mine = self.tmp / f"explain_user_{self.dims}"
+        self.run_ok(self.configs("inference"), *TINY_EXPLAIN, "--model_dir", str(self.models), "--model_name", name,
+                    "--output_dir", str(mine), "--datalist", str(scans / "datalist.json"),
+                    "--dataset_dir", str(scans))  # fmt: skip
+        item = json.loads((mine / "explanations.json").read_text())["items"][0]
+        for key in ("counterfactual", "difference"):
+            written = nib.load(mine / item["files"][key])
+            self.assertEqual(written.shape, (scan_size,) * self.spatial_dims)
+            np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+
 
 class TestMediffusionBundle3D(TestMediffusionBundle2D):
     kind, size, spatial_dims, dims, num_subjects = "brain", 32, 3, "3d", 30
@@ -155,6 +174,24 @@ class TestMediffusionBundle3D(TestMediffusionBundle2D):
         self.assertTrue(record["settings"]["diffmatch"])
 
 
+class TestOracleBaseline(MediffusionCase):
+    def test_train_and_evaluate_the_image_baseline(self):
+        out = self.tmp / "baseline"
+        self.run_ok(["train.json", "train_oracle_baseline.json"], "--labelled_fraction", "0.25", "--baseline_epochs",
+                    "2", "--output_dir", str(out), "--model_dir", str(self.models))  # fmt: skip
+        record = json.loads((out / "training.json").read_text())
+        self.assertEqual(record["num_labelled"], round(0.25 * int(self.num_subjects * 0.8)))
+        self.assertEqual(record["iterations"], 2)  # 8 labelled phantoms at the oracle's batch of 32: one per epoch
+        self.assertFalse((BUNDLES / "latent_diffusion" / "models" / "last.pt").exists())
+        evaluation = self.tmp / "baseline_eval"
+        overrides = ["--classifier_kind", "image", "--model_dir", str(self.models), "--model_name"]
+        self.run_ok(["inference.json", "evaluate_classifier.json"], *overrides, "oracle_baseline_2d_0.25",
+                    "--output_dir", str(evaluation))  # fmt: skip
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        self.assertEqual(metrics["settings"]["classifier_kind"], "image")
+        self.assertEqual(list(metrics["auroc"]), ["opacity", "effusion", "cardiomegaly", "nodule"])
+
+
 class TestMediffusionBadInput(MediffusionCase):
     def test_bad_input_writes_nothing(self):
         for fraction in ("0", "1.5"):
@@ -165,6 +202,20 @@ class TestMediffusionBadInput(MediffusionCase):
                 self.assertIn("`labelled_fraction` must be in (0, 1]", message)
                 self.assertFalse(out.exists())
                 self.assertFalse((self.tmp / "bad_models").exists())
+
+    def test_scans_that_cannot_be_used_are_refused(self):
+        scans = self.tmp / "bad_scans"
+        scans.mkdir()
+        write_nifti(np.full((1, 64, 64), 0.5, np.float32), np.eye(4), scans / "constant.nii.gz")
+        write_json({"testing": [{"image": "constant.nii.gz"}]}, scans / "constant.json")
+        write_json({"testing": [{"image": ""}]}, scans / "empty.json")
+        for datalist, expected in (("constant.json", "constant.nii.gz"), ("empty.json", "non-empty file path")):
+            with self.subTest(datalist=datalist):
+                out = self.tmp / f"refused_{datalist}"
+                message = self.run_fails(["inference.json"], "--datalist", str(scans / datalist), "--dataset_dir",
+                                         str(scans), "--output_dir", str(out))  # fmt: skip
+                self.assertIn(expected, message)
+                self.assertFalse(out.exists())
 
     def test_head_that_does_not_fit_is_refused(self):
         # a joint checkpoint of this UNet whose head has 3 outputs, not the chest phantoms' 4 findings

@@ -110,8 +110,8 @@ class TestScansAndBadInput(TraversalCase):
         data = cls.tmp / "scans"
         data.mkdir()
         affine = np.diag([0.8, 0.8, 1.0, 1.0])  # the user's own grid, not the phantoms'
-        for seed in (0, 1):
-            write_nifti(generate_phantom("chest", 7000 + seed, size=64, findings=[])["image"], affine,
+        for seed, size in ((0, 64), (1, 128)):  # the model's size, and the phantom generator's default
+            write_nifti(generate_phantom("chest", 7000 + seed, size=size, findings=[])["image"], affine,
                         data / f"patient_{seed}.nii.gz")  # fmt: skip
         write_nifti(np.zeros((1, 48, 48), dtype=np.float32), affine, data / "small.nii.gz")
         write_json({"testing": [{"image": "patient_0.nii.gz"}, {"image": "patient_1.nii.gz"}]}, data / "scans.json")
@@ -130,11 +130,12 @@ class TestScansAndBadInput(TraversalCase):
         self.assertEqual([t["name"] for t in manifest["trajectories"]], ["patient_0", "patient_1"])
         image = nib.load(out / manifest["trajectories"][1]["files"]["frames"])
         np.testing.assert_allclose(image.affine, self.affine)
+        self.assertEqual(image.shape[:2], (128, 128))  # traversed at 64x64, written back on the scan's own grid
 
     def test_bad_input_writes_nothing(self):
         cases = [
             (self.scans("bad.json"), "small.nii.gz"),  # a scan that does not fit names its file
-            (self.scans("empty_image.json"), "no 'image'"),
+            (self.scans("empty_image.json"), "'image' must be a non-empty file path"),
             (["--datalist", str(self.data / "missing.json")], "missing.json"),
             (["--seeds", "[]"], "seeds"),
             (["--swap_steps", "[5, 5]"], "swap_steps"),  # the inferer's other refusals: tests/inferers/test_traversal
