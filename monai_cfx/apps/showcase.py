@@ -200,7 +200,9 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
             }
         )  # fmt: skip
     saver.write_manifest()
-    settings = {k: parser.get_parsed_content(k) for k in ("start", "noise_strength", "num_inference_steps")}
+    settings = {
+        k: parser.get_parsed_content(k) for k in ("start", "noise_strength", "num_inference_steps", "guided_steps")
+    }
     return {"examples": examples, "prompt": prompt, "seconds": round(time.perf_counter() - start, 2), **settings}
 
 

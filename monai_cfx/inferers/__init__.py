@@ -18,7 +18,7 @@ from .grounding import CaptureWindowHook, CrossAttentionGroundingInferer
 from .guidance import ClassifierGuidanceHook
 from .inversion import ddim_invert
 from .latent_diffusion import TextGuidedLatentDiffusionInferer, sample_prompts
-from .sampling import KeepSamples, SamplingHook, SamplingState, denoise, seeded_noise
+from .sampling import GuidedStepsHook, KeepSamples, SamplingHook, SamplingState, denoise, seeded_noise
 from .traversal import PromptSwapHook, TrajectoryTraversalInferer, TraversalResult, bezier_curve, linear_path
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "DriftDiffusionInferer",
     "DriftHook",
     "DriftLatentDiffusionInferer",
+    "GuidedStepsHook",
     "KeepSamples",
     "PromptSwapHook",
     "RegionBlendHook",

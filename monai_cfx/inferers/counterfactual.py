@@ -46,7 +46,7 @@ from monai_cfx.networks.utils import (
 )
 from monai_cfx.utils import check_finite, check_option
 
-from .sampling import KeepSamples, SamplingHook, SamplingState, _run_loop, seeded_noise
+from .sampling import GuidedStepsHook, KeepSamples, SamplingHook, SamplingState, _run_loop, seeded_noise
 
 __all__ = ["CounterfactualInferer", "RegionBlendHook"]
 
@@ -102,6 +102,9 @@ class CounterfactualInferer(Inferer):
         start: ``"noise"`` (SDEdit) or ``"inversion"`` (DDIM inversion).
         guidance_scale: classifier-free guidance weight of the target prompt; 1 disables guidance.
         inversion_fixed_point_iterations: extra model calls per inversion step (see ``ddim_invert``).
+        guided_steps: classifier-free guidance on the first ``guided_steps`` denoising steps only (later steps run
+            the target prompt's branch alone, one evaluation instead of two; :class:`GuidedStepsHook`); None
+            guides every step.
         verbose: show tqdm progress bars.
 
     Example::
@@ -120,6 +123,7 @@ class CounterfactualInferer(Inferer):
         start: str = "noise",
         guidance_scale: float = 3.0,
         inversion_fixed_point_iterations: int = 0,
+        guided_steps: int | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -141,6 +145,8 @@ class CounterfactualInferer(Inferer):
                 f"`inversion_fixed_point_iterations` must be an int >= 0, got {inversion_fixed_point_iterations!r}."
             )
         self.inversion_fixed_point_iterations = inversion_fixed_point_iterations
+        # checked here, so that a bad value fails before any model runs
+        self.guided_steps = None if guided_steps is None else GuidedStepsHook(guided_steps).guided_steps
         self.verbose = verbose
 
     @staticmethod
@@ -163,6 +169,17 @@ class CounterfactualInferer(Inferer):
         ``max(1, round(noise_strength * N))``); the inferer's own strength by default."""
         strength = self.noise_strength if noise_strength is None else check_strength("noise_strength", noise_strength)
         return strength_steps(strength, self.num_inference_steps)
+
+    def num_unet_evaluations(self, guided: bool = True, noise_strength: float | None = None) -> int:
+        """UNet image-evaluations one image costs (the unit of the counterfactual bundle's cost study): per edit
+        step, one inversion call (``start="inversion"``, plus ``inversion_fixed_point_iterations``) and one
+        denoising call, two when classifier-free guidance runs both branches (``guided`` with a ``guidance_scale``
+        other than 1, as when the call gets an ``uncond_conditioning``)."""
+        steps = self.num_edit_steps(noise_strength)
+        inversion = steps * (1 + self.inversion_fixed_point_iterations) if self.start == "inversion" else 0
+        both = min(steps, self.guided_steps if self.guided_steps is not None else steps)
+        both = both if guided and self.guidance_scale != 1.0 else 0
+        return inversion + steps + both
 
     def _check_inputs(
         self,
@@ -303,6 +320,8 @@ class CounterfactualInferer(Inferer):
                 noisy_latent = self.scheduler.add_noise(clean_latent, noise, timesteps[:1].to(device))
 
             all_hooks = list(hooks)
+            if self.guided_steps is not None:
+                all_hooks.insert(0, GuidedStepsHook(self.guided_steps))  # first: later hooks see the step's scale
             if region_mask is not None:
                 all_hooks.append(
                     self._region_blend_hook(region_mask, padder, clean_latent, noise, trajectory, timesteps)

@@ -34,6 +34,7 @@ from monai_cfx.utils import check_finite
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = [
+    "GuidedStepsHook",
     "KeepSamples",
     "SamplingHook",
     "SamplingState",
@@ -120,6 +121,25 @@ class SamplingHook:
 
     def after_step(self, state: SamplingState) -> None:
         """After the scheduler step: change ``state.sample`` (drift, region blending, ...)."""
+
+
+class GuidedStepsHook(SamplingHook):
+    """Classifier-free guidance on the first ``guided_steps`` steps of a loop only: later steps run the conditional
+    branch alone, one network evaluation per image instead of two. The early, noisy steps decide what the image
+    becomes; the late ones refine what is there.
+
+    Args:
+        guided_steps: number of leading steps that keep the loop's guidance, >= 0.
+    """
+
+    def __init__(self, guided_steps: int) -> None:
+        if isinstance(guided_steps, bool) or not isinstance(guided_steps, Integral) or guided_steps < 0:
+            raise ValueError(f"`guided_steps` must be an int >= 0, got {guided_steps!r}.")
+        self.guided_steps = int(guided_steps)
+
+    def before_model(self, state: SamplingState) -> None:
+        if state.step_index >= self.guided_steps:
+            state.guidance_scale = 1.0
 
 
 class KeepSamples(SamplingHook):

@@ -185,6 +185,41 @@ class TestCounterfactualInferer(unittest.TestCase):
         )
         self.assertEqual(Count.steps, 5)
 
+    @parameterized.expand(
+        [
+            ("inversion_guided", "inversion", 3.0, 0, None),
+            ("noise_unguided", "noise", 1.0, 0, None),
+            ("fixed_point", "inversion", 3.0, 2, None),
+            ("guided_steps", "inversion", 3.0, 0, 2),
+        ]
+    )
+    def test_unet_evaluations_are_counted(self, _, start, guidance_scale, fixed_point_iterations, guided_steps):
+        autoencoder, unet = tiny_networks(2)
+        rows = []
+        handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+        edit = inferer(noise_strength=0.6, num_inference_steps=10, start=start, guidance_scale=guidance_scale,
+                       inversion_fixed_point_iterations=fixed_point_iterations, guided_steps=guided_steps)  # fmt: skip
+        batch = 2
+        edit(images_like(2, batch), unet, autoencoder, torch.randn(1, 3, CONTEXT_DIM), torch.randn(1, 3, CONTEXT_DIM))
+        handle.remove()
+        self.assertEqual(sum(rows), batch * edit.num_unet_evaluations())
+        inversion = {"inversion": 6 * (1 + fixed_point_iterations), "noise": 0}[start]
+        both = 0 if guidance_scale == 1 else (6 if guided_steps is None else guided_steps)
+        self.assertEqual(edit.num_unet_evaluations(), inversion + 6 + both)
+
+    def test_guided_steps_keep_the_guided_start_and_end_unguided(self):
+        autoencoder, unet = tiny_networks(2)
+        contexts = torch.randn(1, 3, CONTEXT_DIM), torch.randn(1, 3, CONTEXT_DIM)
+        images = images_like(2)
+        edits = {steps: inferer(noise_strength=0.6, num_inference_steps=10, start="inversion", guidance_scale=3.0,
+                                guided_steps=steps)(images, unet, autoencoder, *contexts)
+                 for steps in (None, 6, 0)}  # fmt: skip
+        torch.testing.assert_close(edits[6], edits[None])  # every one of the 6 edit steps guided: unchanged
+        unguided = inferer(noise_strength=0.6, num_inference_steps=10, start="inversion", guidance_scale=1.0)
+        torch.testing.assert_close(edits[0], unguided(images, unet, autoencoder, *contexts))
+        with self.assertRaisesRegex(ValueError, "guided_steps"):
+            inferer(guided_steps=-1)
+
     def test_bad_input(self):
         autoencoder, unet = tiny_networks(2)
         images, context = images_like(2), torch.randn(2, 3, CONTEXT_DIM)
