@@ -119,13 +119,28 @@ class TestMediffusionBundle2D(MediffusionCase):
         if defined:
             self.assertAlmostEqual(metrics["auroc_macro"], float(np.mean(defined)), places=6)
 
+        # guided counterfactuals measured against the healthy twins, with and without guidance
+        measured = self.tmp / f"evaluate_counterfactual_{self.dims}"
+        self.run_ok(self.configs("inference", "evaluate_counterfactual"), "--model_dir", str(self.models),
+                    "--model_name", name, "--output_dir", str(measured), "--num_items", "2",
+                    "--num_inference_steps", "10", "--guidance_scales", "[0, 10]")  # fmt: skip
+        sweep = json.loads((measured / "metrics.json").read_text())["sweep"]
+        self.assertEqual(list(sweep), ["0", "10"])
+        for row in sweep.values():
+            for key in ("validity", "head_validity", "adversarial", "localization_auroc", "twin_l1_outside"):
+                self.assertIn(key, row)
+            self.assertLessEqual(row["adversarial"], row["head_flips"])  # fooled only where the head flipped
+            self.assertLessEqual(row["head_flips"], row["head_validity"])
+        # without guidance the edit is the inversion's round trip: the finding stays, the anatomy too
+        self.assertLess(sweep["0"]["twin_l1_outside"], 0.06)
+
         # explanations of 2 held-out phantoms: counterfactual and difference map on the input's grid
         explained = self.tmp / f"explain_{self.dims}"
         self.run_ok(self.configs("inference"), *TINY_EXPLAIN, "--model_dir", str(self.models), "--model_name", name,
                     "--output_dir", str(explained), "--decision_threshold", "0.3")  # fmt: skip
         manifest = json.loads((explained / "explanations.json").read_text())
         self.assertEqual(len(manifest["items"]), 2)
-        self.assertEqual(manifest["settings"]["guidance_scale"], 100.0)
+        self.assertEqual(manifest["settings"]["guidance_scale"], 5.0)
         for item in manifest["items"]:
             before_p, after_p = item["probabilities_before"], item["probabilities_after"]
             self.assertEqual(list(before_p), label_names)
