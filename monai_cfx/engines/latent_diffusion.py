@@ -153,6 +153,12 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self._generator = torch.Generator().manual_seed(seed)
         self._contexts: dict[str, torch.Tensor] = {}
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The prompt-dropout generator (seeded with ``seed``), e.g. for
+        :class:`~monai_cfx.handlers.TrainingStateHandler` to save and restore its state."""
+        return self._generator
+
     def text_contexts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Contexts ``(B, L, D)`` of ``prompts`` (on the CPU), encoding only prompts not seen before."""
         missing = sorted({p for p in prompts if p not in self._contexts})

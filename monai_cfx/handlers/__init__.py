@@ -8,13 +8,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers for MONAI evaluators: counterfactual and grounding savers and metrics, feature distances."""
+"""Ignite handlers for MONAI engines: counterfactual and grounding savers and metrics, feature distances, and the
+resumable training state."""
 
 from __future__ import annotations
 
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
 from .feature_distance import FeatureDistanceHandler
 from .grounding import GroundingMetricsHandler, GroundingSaver
+from .training_state import TrainingStateHandler
 
 __all__ = [
     "CounterfactualMetricsHandler",
@@ -22,5 +24,6 @@ __all__ = [
     "FeatureDistanceHandler",
     "GroundingMetricsHandler",
     "GroundingSaver",
+    "TrainingStateHandler",
     "iterate_items",
 ]
