@@ -21,7 +21,7 @@ JOBS = {
     "phrase_grounding": ["evaluate"],
     "latent_drifting": ["finetune", "evaluate", "drift_search"],
     "trajectory_traversal": ["evaluate"],
-    "mediffusion": ["evaluate_classifier"],
+    "mediffusion": ["evaluate_classifier", "evaluate_counterfactual"],
 }
 # what the counterfactual, grounding and drifting bundles copy from the latent diffusion bundle: the architecture
 # of the weights they load, which must not drift apart
