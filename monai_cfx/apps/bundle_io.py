@@ -104,6 +104,37 @@ def load_datalist(
     return loaded
 
 
+def _transform_all(items: Sequence[Mapping[str, Any]], transform: Callable[[Any], Any], image_key: str) -> list[Any]:
+    """``transform`` of every item, refusing an empty list and naming the item whose preprocessing fails (with the
+    transform's own message: MONAI wraps transform errors in ``RuntimeError`` chains)."""
+    if not items:
+        raise ValueError("no items to run: the datalist's list is empty (or `num_items` is 0).")
+    transformed = []
+    for index, item in enumerate(items):
+        try:
+            transformed.append(transform(dict(item)))
+        except Exception as error:  # noqa: BLE001 - re-raised with the item named
+            root = error
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise ValueError(
+                f"item {index} ({item.get(image_key)!r}) cannot be used: {type(root).__name__}: {root}"
+            ) from error
+    return transformed
+
+
+def _check_reconstructions(images: Any, autoencoder: Any, max_reconstruction_mse: float | None) -> None:
+    """:func:`~monai_cfx.engines.check_reconstruction` of each model input ``(C, *spatial)`` of ``images`` (its
+    MetaTensor keeps the file name for the message); nothing with ``max_reconstruction_mse=None``."""
+    if max_reconstruction_mse is None or autoencoder is None:
+        return
+    from monai_cfx.engines import check_reconstruction
+
+    device = next(autoencoder.parameters()).device
+    for image in images:
+        check_reconstruction(autoencoder, image[None].to(device), max_reconstruction_mse)
+
+
 def validate_items(
     items: Sequence[Mapping[str, Any]], transform: Callable[[Any], Any], image_key: str = "image"
 ) -> list[Mapping[str, Any]]:
@@ -114,18 +145,7 @@ def validate_items(
         ValueError: the list is empty, or an item's preprocessing failed; the message names the item's file and
             keeps the transform's own message (MONAI wraps transform errors in ``RuntimeError`` chains).
     """
-    if not items:
-        raise ValueError("no items to run: the datalist's list is empty (or `num_items` is 0).")
-    for index, item in enumerate(items):
-        try:
-            transform(dict(item))
-        except Exception as error:  # noqa: BLE001 - re-raised with the item named
-            root = error
-            while root.__cause__ is not None:
-                root = root.__cause__
-            raise ValueError(
-                f"item {index} ({item.get(image_key)!r}) cannot be used: {type(root).__name__}: {root}"
-            ) from error
+    _transform_all(items, transform, image_key)
     return list(items)
 
 
@@ -145,13 +165,8 @@ def check_in_distribution(
     """
     if max_reconstruction_mse is None:
         return
-    from monai_cfx.engines import check_reconstruction
-
-    device = next(autoencoder.parameters()).device
-    for item in items:
-        image = transform(dict(item))[image_key]
-        # the MetaTensor keeps the file name for the message
-        check_reconstruction(autoencoder, image[None].to(device), max_reconstruction_mse)
+    images = (transform(dict(item))[image_key] for item in items)  # one at a time: large datasets stay out of memory
+    _check_reconstructions(images, autoencoder, max_reconstruction_mse)
 
 
 def prepare_scans(
@@ -176,24 +191,8 @@ def prepare_scans(
     import numpy as np
     import torch
 
-    validate_items(items, lambda item: None, image_key)  # refuses an empty list
-    prepared = []
-    for index, item in enumerate(items):
-        try:
-            prepared.append(preprocessing(dict(item)))
-        except Exception as error:  # noqa: BLE001 - re-raised with the item named
-            root = error
-            while root.__cause__ is not None:
-                root = root.__cause__
-            raise ValueError(
-                f"item {index} ({item.get(image_key)!r}) cannot be used: {type(root).__name__}: {root}"
-            ) from error
-    if max_reconstruction_mse is not None and autoencoder is not None:
-        from monai_cfx.engines import check_reconstruction
-
-        device = next(autoencoder.parameters()).device
-        for item in prepared:
-            check_reconstruction(autoencoder, item[image_key][None].to(device), max_reconstruction_mse)
+    prepared = _transform_all(items, preprocessing, image_key)
+    _check_reconstructions([item[image_key] for item in prepared], autoencoder, max_reconstruction_mse)
     names = [Path(str(item[image_key])).name.split(".")[0] for item in items]
     if len(set(names)) < len(names):
         names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
