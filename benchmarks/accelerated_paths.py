@@ -18,9 +18,13 @@ The latent diffusion bundle's shipped UNet and autoencoder run the counterfactua
 - **flash_attention**: the same weights with MONAI's ``use_flash_attention`` switched on in every self- and
   cross-attention block (PyTorch's ``scaled_dot_product_attention``), as ``DiffusionModelUNet(use_flash_attention=
   True)`` builds them;
-- **compile**: ``torch.compile(unet)`` (inductor; needs a C++ compiler on CPU); its first call, which compiles, is
-  timed apart;
-- **bf16 autocast**: on CUDA only (``torch.autocast("cuda", torch.bfloat16)``); skipped on a CPU-only machine.
+- **bf16 autocast**: the UNet's forward under ``torch.autocast(<device>, torch.bfloat16)``, outputs in float32 (on
+  CPU too, where PyTorch runs bf16 kernels);
+- **compile**: ``torch.compile`` of the UNet in place (inductor; needs a C++ compiler on CPU); its first call, which
+  compiles, is timed apart.
+
+Every path is the configs' switch (``unet_acceleration`` in the counterfactual, latent diffusion and traversal
+bundles' ``inference.json``, applied by ``monai_cfx.networks.accelerate``).
 
 For each path: the median wall time of ``--repeats`` calls after a warm-up, the ratio to plain (< 1 is faster) and
 the largest absolute difference of its counterfactual to plain's (the tolerance a config switch would state).
@@ -39,6 +43,7 @@ from collections.abc import Callable
 import torch
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
+from monai_cfx.networks import accelerate
 
 
 def timed(call: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -60,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip_compile", action="store_true", help="leave out torch.compile (minutes on CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -81,20 +87,19 @@ def main() -> None:
           f"{device}, {torch.get_num_threads()} threads")  # fmt: skip
     plain_time, plain = timed(edit(unet), args.repeats, device)
     rows = [("plain", plain_time, 0.0, "")]
-
-    fast_unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
-    t, out = timed(edit(fast_unet, images.contiguous(memory_format=torch.channels_last)), args.repeats, device)
-    rows.append(("channels_last", t, float((out - plain).abs().max()), ""))
-
-    flash = copy.deepcopy(unet)
-    for module in flash.modules():
-        if hasattr(module, "use_flash_attention"):
-            module.use_flash_attention = True
-    t, out = timed(edit(flash), args.repeats, device)
-    rows.append(("flash_attention", t, float((out - plain).abs().max()), ""))
-
+    # each path is the configs' switch (`unet_acceleration`, monai_cfx.networks.accelerate) on a copy of the UNet
+    for name, switches in (
+        ("channels_last", {"channels_last": True}),
+        ("flash_attention", {"flash_attention": True}),
+        ("bf16_autocast", {"autocast_dtype": "bfloat16"}),
+    ):
+        inputs = images.contiguous(memory_format=torch.channels_last) if name == "channels_last" else images
+        t, out = timed(edit(accelerate(copy.deepcopy(unet), **switches), inputs), args.repeats, device)
+        rows.append((name, t, float((out - plain).abs().max()), f"mean |diff| {float((out - plain).abs().mean()):.1e}"))
     try:
-        compiled = torch.compile(copy.deepcopy(unet))
+        if args.skip_compile:
+            raise RuntimeError("--skip_compile")
+        compiled = accelerate(copy.deepcopy(unet), compile=True)
         start = time.perf_counter()
         edit(compiled)()
         first = time.perf_counter() - start
@@ -102,17 +107,6 @@ def main() -> None:
         rows.append(("compile", t, float((out - plain).abs().max()), f"first call (compiles) {first:.1f} s"))
     except Exception as error:  # noqa: BLE001 - a missing toolchain is a result here, not a failure
         rows.append(("compile", float("nan"), float("nan"), f"unavailable: {type(error).__name__}: {error}"[:120]))
-
-    if device.type == "cuda":
-
-        def autocast_edit() -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return edit(unet)()
-
-        t, out = timed(autocast_edit, args.repeats, device)
-        rows.append(("bf16_autocast", t, float((out.float() - plain).abs().max()), ""))
-    else:
-        rows.append(("bf16_autocast", float("nan"), float("nan"), "skipped: CUDA only"))
 
     print(f"{'path':<16} {'median s':>9} {'ratio':>7} {'max |diff|':>11}  note")
     for name, seconds, difference, note in rows:

@@ -7,6 +7,7 @@ import unittest
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from tests.helpers import BUNDLES, ShippedWeightsCase, check_ok, verify_metadata
 
@@ -120,6 +121,36 @@ class TestUserDatalistAndBadInput(CounterfactualCase):
             wrong.stdout + wrong.stderr,
         )
         self.assertFalse(list((self.tmp / "wrong").glob("*.nii.gz")) if (self.tmp / "wrong").exists() else [])
+
+
+class TestUnetAcceleration(unittest.TestCase):
+    def test_config_switches_keep_the_counterfactual(self):
+        """The config's speed switches on the shipped weights: channels_last and flash attention change nothing
+        beyond float rounding, bf16 autocast only rounding (the plain path is the default)."""
+        from monai_cfx.apps.bundle_config import load_bundle_config
+        from monai_cfx.data import chest_phantom
+
+        image = torch.from_numpy(chest_phantom(5001, 64, findings=["effusion"])["image"])[None]
+        results = {}
+        for name, switches in (
+            ("plain", {}),
+            ("fast", {"channels_last": True, "flash_attention": True}),
+            ("bf16", {"autocast_dtype": "bfloat16"}),
+        ):
+            parser = load_bundle_config(BUNDLE, ["configs/inference.json"], device="cpu", num_inference_steps=4)
+            for key, value in switches.items():
+                parser[f"unet_acceleration#{key}"] = value
+            get = parser.get_parsed_content
+            with torch.no_grad():
+                context = get("text_encoder")([get("healthy_prompt")])
+                uncond = get("text_encoder").null_context(1)
+            inferer = get("counterfactual_inferer")
+            unet = get("load_diffusion")
+            self.assertEqual(unet.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last), name == "fast")
+            results[name] = inferer(image, unet, get("load_autoencoder"), context, uncond, seed=0)
+        torch.testing.assert_close(results["fast"], results["plain"], atol=1e-4, rtol=0)
+        difference = float((results["bf16"] - results["plain"]).abs().mean())
+        self.assertTrue(0 < difference < 0.02, difference)
 
 
 class TestCounterfactualMetadata(unittest.TestCase):
