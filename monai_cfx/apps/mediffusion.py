@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -570,7 +571,9 @@ def evaluate_counterfactuals(
     - ``localization_auroc`` of ``difference`` (default: absolute, Gaussian sigma 1.5, as the counterfactual
       bundle's) against the finding mask; ``twin_l1_outside`` / ``twin_l1_inside``: mean |counterfactual - healthy
       twin| outside / inside the finding; ``l1_outside``, ``ssim`` and the other measures of
-      :class:`~monai_cfx.handlers.CounterfactualMetricsHandler`.
+      :class:`~monai_cfx.handlers.CounterfactualMetricsHandler`;
+    - the cost: ``unet_evaluations_per_image`` (image rows through the UNet, for denoising or for the head's
+      features; each guided step's head pass is also back-propagated) and ``seconds_per_image`` of the edits.
 
     Returns:
         ``{"num_images", "label_names", "sweep": {scale: {measure: value}}}``.
@@ -590,8 +593,15 @@ def evaluate_counterfactuals(
     head_before = head_probabilities(network, autoencoder, images, scale_factor, empty, batch_size, device)
     head_saw = ((head_before >= threshold) & present).any(dim=1)
     sweep: dict[str, Any] = {}
+    passes = [0]  # image rows through the UNet (denoising, or the head's features) during the edits
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        passes[0] += int(args[0].shape[0])
+
     for scale in guidance_scales:
         parts = []
+        passes[0], started = 0, time.perf_counter()
+        counter = network.conv_in.register_forward_pre_hook(count)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
             hook = ClassifierGuidanceHook.from_joint(
@@ -603,6 +613,8 @@ def evaluate_counterfactuals(
                 through_denoiser=through_denoiser,
             )
             parts.append(inferer(batch, network, autoencoder, conditioning, empty, hooks=[hook]).float().cpu())
+        counter.remove()
+        seconds = time.perf_counter() - started
         counterfactual = torch.cat(parts)
         head_after = head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device)
         items = [
@@ -630,6 +642,9 @@ def evaluate_counterfactuals(
             name: float(oracle_valid[present[:, k]].float().mean()) if present[:, k].any() else math.nan
             for k, name in enumerate(label_names)
         }
+        # cost: UNet image-evaluations per image (each guided step adds the head's pass and its backward)
+        row["unet_evaluations_per_image"] = passes[0] / len(images)
+        row["seconds_per_image"] = seconds / len(images)
         sweep[f"{float(scale):g}"] = row
         logger.info(f"guidance scale {scale:g}: " + ", ".join(
             f"{key} {row[key]:.3f}" for key in ("validity", "head_validity", "localization_auroc", "twin_l1_outside")

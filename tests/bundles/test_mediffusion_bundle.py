@@ -133,6 +133,10 @@ class TestMediffusionBundle2D(MediffusionCase):
             self.assertLessEqual(row["head_flips"], row["head_validity"])
         # without guidance the edit is the inversion's round trip: the finding stays, the anatomy too
         self.assertLess(sweep["0"]["twin_l1_outside"], 0.06)
+        # the cost: 6 inversion and 6 denoising passes (strength 0.6 of 10 steps), plus one head pass per guided step
+        self.assertEqual(sweep["0"]["unet_evaluations_per_image"], 12)
+        self.assertEqual(sweep["10"]["unet_evaluations_per_image"], 18)
+        self.assertGreater(sweep["10"]["seconds_per_image"], 0)
 
         # explanations of 2 held-out phantoms: counterfactual and difference map on the input's grid
         explained = self.tmp / f"explain_{self.dims}"

@@ -23,7 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = load_bundle_config(
-        default_bundle_dir("phrase_grounding"), ["configs/inference.json", "configs/evaluate.json"], device=torch.device("cpu"),
+        default_bundle_dir("phrase_grounding"), ["configs/inference.json", "configs/evaluate.json"],
+        device=torch.device("cpu"),
         dataset_dir=args.dataset_dir, data_list_key="validation", num_items=args.num_items, otsu=False,
     )  # fmt: skip
     inferer, prepare = config.get_parsed_content("grounding_inferer"), config.get_parsed_content("prepare_batch")
