@@ -191,11 +191,21 @@ def head_output(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sigmoid(logits.float()).detach(), label.reshape(logits.shape).float()
 
 
-def check_training_outputs(output_dir: str | os.PathLike, model_path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse, before any training, a run folder or a published model that exists (unless ``overwrite``)."""
+def check_training_outputs(
+    output_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    overwrite: bool,
+    training_state_path: str | os.PathLike | None = None,
+) -> None:
+    """Refuse, before any training, a published model that exists (unless ``overwrite``), and a run folder that
+    exists unless ``overwrite`` or it holds ``training_state_path`` (a killed run that this one resumes)."""
     check_writable(model_path, overwrite)
-    if Path(output_dir).exists() and not overwrite:
-        raise FileExistsError(f"output folder {str(output_dir)!r} exists; pass --overwrite True to replace it.")
+    resumable = training_state_path is not None and Path(training_state_path).is_file()
+    if Path(output_dir).exists() and not (overwrite or resumable):
+        raise FileExistsError(
+            f"output folder {str(output_dir)!r} exists and holds no training state to resume; pass --overwrite True "
+            "to replace it."
+        )
 
 
 def publish_model(

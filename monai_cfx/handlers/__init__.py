@@ -16,9 +16,10 @@ from __future__ import annotations
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
 from .feature_distance import FeatureDistanceHandler
 from .grounding import GroundingMetricsHandler, GroundingSaver
-from .training_state import TrainingStateHandler
+from .training_state import BestMetricState, TrainingStateHandler
 
 __all__ = [
+    "BestMetricState",
     "CounterfactualMetricsHandler",
     "CounterfactualSaver",
     "FeatureDistanceHandler",

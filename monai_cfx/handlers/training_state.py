@@ -36,7 +36,7 @@ else:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingStateHandler"]
+__all__ = ["BestMetricState", "TrainingStateHandler"]
 
 FORMAT_VERSION = 1
 _KEYS = ("format_version", "fingerprint", "objects", "random")
@@ -404,3 +404,40 @@ class TrainingStateHandler:
             if stale.name.startswith(prefix) and stale.name.endswith(suffix) and stale.is_file():
                 logger.info(f"removing {str(stale)!r}, left by a run killed while saving its training state")
                 stale.unlink(missing_ok=True)
+
+
+class BestMetricState:
+    """What a MONAI workflow (an evaluator) remembers between its runs, as an object with ``state_dict()`` and
+    ``load_state_dict()`` for :class:`TrainingStateHandler`'s ``save_dict``: its best key metric and that metric's
+    epoch, and the files its ``CheckpointSaver`` keeps by that metric (the saver's ignite ``Checkpoint`` state).
+
+    Without it a resumed run's evaluator starts from no best metric, and its first validation replaces the kept
+    best checkpoint whatever its score.
+
+    Args:
+        evaluator: a MONAI ``Workflow`` with a ``key_val_metric`` (``state.best_metric``, ``state.best_metric_epoch``).
+        checkpoint_saver: its ``CheckpointSaver`` with ``save_key_metric=True``, or None.
+    """
+
+    def __init__(self, evaluator: Any, checkpoint_saver: Any = None) -> None:
+        self.evaluator = evaluator
+        self.checkpoint = None if checkpoint_saver is None else checkpoint_saver._key_metric_checkpoint
+        if checkpoint_saver is not None and self.checkpoint is None:
+            raise ValueError("`checkpoint_saver` keeps no checkpoint by a key metric (save_key_metric=False).")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.evaluator.state
+        saved = (
+            [] if self.checkpoint is None else [[float(p), str(f)] for p, f in self.checkpoint.state_dict()["_saved"]]
+        )
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "saved": saved,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        if self.checkpoint is not None:
+            self.checkpoint.load_state_dict({"_saved": [(float(p), str(f)) for p, f in state["saved"]]})
