@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
-from monai_cfx.networks.nets import PhraseTruncatedError
+from monai_cfx.networks.nets.text_encoder import PhraseTruncatedError
 
 __all__ = [
     "PHRASE_SEPARATOR",

@@ -9,12 +9,34 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Networks: the Hugging Face text encoder with added-token embeddings, the finding classifier (oracle), and the
-joint diffusion/classifier UNet (Mediffusion)."""
+joint diffusion/classifier UNet (Mediffusion), and Stable Diffusion folders as MONAI networks."""
 
 from __future__ import annotations
 
 from .finding_classifier import FindingClassifier
 from .joint_diffusion_unet import JointDiffusionUNet
+from .stable_diffusion import (
+    StableDiffusion,
+    StableDiffusionAutoencoderKL,
+    load_stable_diffusion,
+    load_stable_diffusion_autoencoder,
+    load_stable_diffusion_scheduler,
+    load_stable_diffusion_unet,
+    save_unet_to_diffusers,
+)
 from .text_encoder import AddedTokenEmbedding, PhraseTruncatedError, TextEncoder
 
-__all__ = ["AddedTokenEmbedding", "FindingClassifier", "JointDiffusionUNet", "PhraseTruncatedError", "TextEncoder"]
+__all__ = [
+    "AddedTokenEmbedding",
+    "FindingClassifier",
+    "JointDiffusionUNet",
+    "PhraseTruncatedError",
+    "StableDiffusion",
+    "StableDiffusionAutoencoderKL",
+    "TextEncoder",
+    "load_stable_diffusion",
+    "load_stable_diffusion_autoencoder",
+    "load_stable_diffusion_scheduler",
+    "load_stable_diffusion_unet",
+    "save_unet_to_diffusers",
+]
