@@ -77,11 +77,11 @@ def main() -> None:
     table = "\n".join(lines)
     (args.out / "cost_study.md").write_text(f"{args.split} split, model {args.model_name}\n\n{table}\n")
     print(table)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for axis, key in zip(axes, ("validity", "localization_auroc")):
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for axis, key in zip(axes, ("validity", "localization_auroc", "twin_l1_outside")):
         for scale in sorted({row["scale"] for row in rows}):
             chosen = [row for row in rows if row["scale"] == scale]
-            axis.plot([r["unet_evaluations_per_image"] for r in chosen], [r[key] for r in chosen], "o-",
+            axis.plot([r["unet_evaluations_per_image"] for r in chosen], [r[key] for r in chosen], "o",
                       label=f"guidance {scale:g}")  # fmt: skip
             for row in chosen:
                 axis.annotate(row["name"], (row["unet_evaluations_per_image"], row[key]), fontsize=7,
@@ -90,6 +90,7 @@ def main() -> None:
         axis.set_ylabel(key.replace("_", " ") + (" (oracle)" if key == "validity" else ""))
         axis.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
+    figure.subplots_adjust(wspace=0.3)
     figure.suptitle(f"Mediffusion counterfactual cost against quality ({args.split} split, 2D chest phantoms)")
     figure.savefig(args.out / "cost_study.png", dpi=120, bbox_inches="tight")
 
