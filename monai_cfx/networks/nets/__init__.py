@@ -16,6 +16,7 @@ from __future__ import annotations
 from .finding_classifier import FindingClassifier
 from .joint_diffusion_unet import JointDiffusionUNet
 from .stable_diffusion import (
+    GreyscaleAutoencoder,
     StableDiffusion,
     StableDiffusionAutoencoderKL,
     load_stable_diffusion,
@@ -29,6 +30,7 @@ from .text_encoder import AddedTokenEmbedding, PhraseTruncatedError, TextEncoder
 __all__ = [
     "AddedTokenEmbedding",
     "FindingClassifier",
+    "GreyscaleAutoencoder",
     "JointDiffusionUNet",
     "PhraseTruncatedError",
     "StableDiffusion",

@@ -35,6 +35,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 __all__ = [
+    "GreyscaleAutoencoder",
     "StableDiffusion",
     "StableDiffusionAutoencoderKL",
     "load_stable_diffusion",
@@ -367,6 +368,50 @@ class StableDiffusionAutoencoderKL(AutoencoderKL):
         return z_mu, torch.exp(z_log_var / 2)
 
 
+class GreyscaleAutoencoder(nn.Module):
+    """Single-channel scans in [0, 1] (the library's model input) through an autoencoder trained on RGB images in
+    [-1, 1] (Stable Diffusion's VAE): the grey channel is repeated to ``channels`` and scaled to [-1, 1] on the way
+    in, and the decoded image is averaged over its channels and scaled back to [0, 1] on the way out. The latents are
+    the wrapped autoencoder's own. It has the contract the library's inferers, checks and transforms use
+    (``encode``, ``decode``, ``sampling``, ``encode_stage_2_inputs``, ``decode_stage_2_outputs``), so every bundle's
+    single-channel preprocessing, difference maps and writers stay as they are.
+    """
+
+    def __init__(self, autoencoder: nn.Module, channels: int = 3) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.channels = channels
+        self.latent_channels = getattr(autoencoder, "latent_channels", None)
+
+    def _to_model(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != 1:
+            raise ValueError(f"GreyscaleAutoencoder takes single-channel images, got {images.shape[1]} channels.")
+        return images.repeat(1, self.channels, *(1,) * (images.ndim - 2)) * 2.0 - 1.0
+
+    @staticmethod
+    def _to_grey(images: torch.Tensor) -> torch.Tensor:
+        return (images.mean(dim=1, keepdim=True) + 1.0) / 2.0
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.autoencoder.encode(self._to_model(images))
+
+    def sampling(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.sampling(z_mu, z_sigma)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._to_grey(self.autoencoder.decode(latents))
+
+    def encode_stage_2_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode_stage_2_inputs(self._to_model(images))
+
+    def decode_stage_2_outputs(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._to_grey(self.autoencoder.decode_stage_2_outputs(latents))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        reconstruction, z_mu, z_sigma = self.autoencoder(self._to_model(images))
+        return self._to_grey(reconstruction), z_mu, z_sigma
+
+
 def _vae_key_map(levels: int, layers: int) -> dict[str, str]:
     """diffusers VAE module prefix -> :class:`StableDiffusionAutoencoderKL` prefix."""
     mapping: dict[str, str] = {}
@@ -533,6 +578,8 @@ def load_stable_diffusion(path: str | os.PathLike, text_encoder: bool = True) ->
         ValueError: for a component MONAI cannot express or weights that do not fit (named), or a VAE whose latent
             channels differ from the UNet's input channels.
     """
+    if path is None:
+        raise ValueError("no Stable Diffusion folder was given (from a bundle config: --sd_path <folder>).")
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a diffusers pipeline folder: it has no model_index.json.")

@@ -1,0 +1,61 @@
+"""Bundles on a local Stable Diffusion folder (``configs/stable_diffusion.json``), through MONAI's CLI from another
+folder, on a tiny SD 1.x pipeline that diffusers' own classes saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tests.helpers import BUNDLES, check_ok, run_relocated
+from tests.networks.nets.test_stable_diffusion import HAS_DIFFUSERS, save_pipeline
+
+
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestCounterfactualOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_configs(self, *overrides):
+        configs = ["inference.json", "stable_diffusion.json"]
+        common = ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40", "--num_items", "2"]
+        return run_relocated(BUNDLES / "counterfactual", configs, *common, *overrides, cwd=self.tmp)
+
+    def test_counterfactuals_on_the_scans_grid(self):
+        out = self.tmp / "out"
+        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--output_dir", str(out)))
+        records = json.loads((out / "counterfactuals.json").read_text())
+        self.assertEqual(len(records), 2)
+        for record in records:
+            scan = nib.load(record["image"])
+            for key in ("counterfactual", "difference"):
+                saved = nib.load(out / record[key])
+                self.assertEqual(saved.shape, scan.shape)  # 128² phantoms, edited at the tiny model's 16²
+                np.testing.assert_allclose(saved.affine, scan.affine)
+                self.assertTrue(np.isfinite(np.asarray(saved.dataobj)).all())
+
+    def test_missing_or_wrong_folder_is_refused_with_nothing_written(self):
+        for overrides, message in (
+            ([], "no Stable Diffusion folder was given"),
+            (["--sd_path", str(self.tmp / "sd" / "unet")], "is not a diffusers pipeline folder"),
+        ):
+            out = self.tmp / f"refused_{len(overrides)}"
+            result = self.run_configs(*overrides, "--output_dir", str(out))
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(message, result.stdout + result.stderr)
+            self.assertFalse(out.exists())
+
+
+if __name__ == "__main__":
+    unittest.main()
