@@ -16,7 +16,7 @@ from __future__ import annotations
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
 from .feature_distance import FeatureDistanceHandler
 from .grounding import GroundingMetricsHandler, GroundingSaver
-from .training_state import BestMetricState, TrainingStateHandler
+from .training_state import BestMetricState, ParamSchedulerState, SeededRunHandler, TrainingStateHandler
 
 __all__ = [
     "BestMetricState",
@@ -25,6 +25,8 @@ __all__ = [
     "FeatureDistanceHandler",
     "GroundingMetricsHandler",
     "GroundingSaver",
+    "ParamSchedulerState",
+    "SeededRunHandler",
     "TrainingStateHandler",
     "iterate_items",
 ]

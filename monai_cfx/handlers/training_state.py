@@ -36,7 +36,7 @@ else:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BestMetricState", "TrainingStateHandler"]
+__all__ = ["BestMetricState", "ParamSchedulerState", "SeededRunHandler", "TrainingStateHandler"]
 
 FORMAT_VERSION = 1
 _KEYS = ("format_version", "fingerprint", "objects", "random")
@@ -441,3 +441,67 @@ class BestMetricState:
         self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
         if self.checkpoint is not None:
             self.checkpoint.load_state_dict({"_saved": [(float(p), str(f)) for p, f in state["saved"]]})
+
+
+class SeededRunHandler:
+    """Every run of an engine (a validation) draws the same random numbers, and leaves the caller's as they were.
+
+    At ``STARTED`` the global random states (torch's CPU and CUDA generators, numpy's, Python's) are saved and
+    seeded with ``seed``; at ``COMPLETED`` (or when the run raises) they are restored. A validation loss that draws
+    noise, timesteps or posterior samples is then measured on the same draws at every epoch, so epochs compare, and
+    attaching the validation does not change the training run's random numbers (nor its weights).
+
+    Args:
+        seed: the seed of every run.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self._saved: dict[str, Any] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.COMPLETED, self.restore)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.restore)
+
+    def start(self, engine: Engine | None = None) -> None:
+        self._saved = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            self._saved["cuda"] = torch.cuda.get_rng_state_all()
+        torch.manual_seed(self.seed)  # seeds CUDA's generators too
+        np.random.seed(self.seed % 2**32)
+        random.seed(self.seed)
+
+    def restore(self, engine: Engine | None = None, *args: Any) -> None:
+        if self._saved is None:
+            return
+        torch.set_rng_state(self._saved["torch"])
+        if "cuda" in self._saved:
+            torch.cuda.set_rng_state_all(self._saved["cuda"])
+        np.random.set_state(self._saved["numpy"])
+        random.setstate(self._saved["python"])
+        self._saved = None
+
+
+class ParamSchedulerState:
+    """Where an ignite parameter scheduler is in its schedule (its ``event_index``), as an object with
+    ``state_dict()`` and ``load_state_dict()`` for :class:`TrainingStateHandler`'s ``save_dict``.
+
+    Schedulers count their own events, not the engine's iterations, so a resumed run would otherwise restart the
+    schedule: an ``EMAHandler``'s momentum warmup (``ema.momentum_scheduler``) would begin again. The scheduler's
+    own ``state_dict`` also holds its function, which a ``weights_only`` checkpoint cannot hold.
+
+    Args:
+        scheduler: an ignite ``BaseParamScheduler`` (e.g. ``EMAHandler.momentum_scheduler``), or None (no schedule:
+            nothing is saved).
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"event_index": None if self.scheduler is None else int(self.scheduler.event_index)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.scheduler is not None and state["event_index"] is not None:
+            self.scheduler.event_index = int(state["event_index"])

@@ -160,6 +160,42 @@ class TestContinueTraining(BundleCase):
         self.assertIn("does not fit FindingClassifier", wrong.stdout + wrong.stderr)
 
 
+class TestDiffusionRecipe(BundleCase):
+    def test_validation_ema_best_checkpoint_and_exact_continuation(self):
+        """train_diffusion.json validates every epoch on fixed draws without changing the training run, keeps the
+        best epoch's weights, publishes the EMA weights when asked, and a run continued from 1 to 2 epochs (the
+        EMA, the evaluator's best and every random state restored) ends where a 2-epoch run ends."""
+        check_ok(self, run_bundle(self.configs("train_autoencoder"), *self.common, *TINY))
+        full = ["--max_epochs", "2", "--batch_size", "4", "--log_every", "1"]  # full epochs: exactness needs them
+        autoencoder = str(self.tmp / "models" / "autoencoder_2d.pt")
+
+        def train(name, *overrides):
+            path = self.tmp / name / "diffusion_2d.pt"
+            result = run_bundle(self.configs("train_diffusion"), *self.common, *full, "--load_diffusion_path",
+                                str(path), "--load_autoencoder_path", autoencoder, *overrides)  # fmt: skip
+            check_ok(self, result)
+            return path, result.stdout + result.stderr
+
+        validated, log = train("validated")
+        self.assertEqual(log.count("Metrics -- val_loss"), 2)
+        self.assertTrue((validated.parent / "diffusion_2d_best.pt").is_file())
+        plain, log = train("plain", "--val_interval", "0")
+        self.assertNotIn("val_loss", log)
+        # validation draws its own seeded numbers and gives the training run's back: the same weights
+        self.assertEqual(validated.read_bytes(), plain.read_bytes())
+
+        ema, _ = train("ema", "--publish_ema", "True")
+        self.assertNotEqual(ema.read_bytes(), validated.read_bytes())  # the average, not the last weights
+        continued, _ = train("continued", "--publish_ema", "True", "--max_epochs", "1")
+        _, log = train("continued", "--publish_ema", "True")
+        self.assertIn("resuming training from", log)
+        for name in ("diffusion_2d.pt", "diffusion_2d_best.pt"):
+            first = torch.load(ema.parent / name, weights_only=True)
+            second = torch.load(continued.parent / name, weights_only=True)
+            for key in first:
+                torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
 class TestAttentionAllLevels(BundleCase):
     def test_grows_the_unet_from_the_shipped_layout(self):
         """configs/attention_all_levels.json: attention at the first level too, saved to its own file; a UNet with

@@ -229,6 +229,7 @@ class TestMediffusionResume(MediffusionCase):
         for first, second in (
             (load(self.models / "whole.pt"), load(self.models / "part.pt")),
             (load(whole / "last_state.pt")["network"], load(part / "last_state.pt")["network"]),
+            (load(whole / "last_state.pt")["ema_network"], load(part / "last_state.pt")["ema_network"]),
         ):
             self.assertEqual(set(first), set(second))
             for key in first:
