@@ -57,5 +57,46 @@ class TestCounterfactualOnStableDiffusion(unittest.TestCase):
             self.assertFalse(out.exists())
 
 
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestGroundingOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_configs(self, *overrides):
+        configs = ["inference.json", "stable_diffusion.json"]
+        # the tiny UNet has cross-attention at level 0 and in the middle block (level 1); SD's level 2 is absent
+        common = ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40", "--num_items", "2"]
+        common += ["--attention_layers", "[0]"]
+        return run_relocated(BUNDLES / "phrase_grounding", configs, *common, *overrides, cwd=self.tmp)
+
+    def test_heatmaps_on_the_scans_grid(self):
+        out = self.tmp / "out"
+        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--output_dir", str(out)))
+        records = json.loads((out / "grounding.json").read_text())
+        self.assertEqual(len(records), 2)
+        for record in records:
+            scan = nib.load(record["image"])
+            for key in ("heatmap", "mask"):
+                saved = nib.load(out / record[key])
+                self.assertEqual(saved.shape[:2], scan.shape[:2])  # 128² phantoms, grounded at the tiny model's 16²
+                np.testing.assert_allclose(saved.affine, scan.affine)
+                values = np.asarray(saved.dataobj)
+                self.assertTrue(np.isfinite(values).all())
+            self.assertGreater(np.ptp(np.asarray(nib.load(out / record["heatmap"]).dataobj)), 0)
+
+    def test_missing_folder_is_refused_with_nothing_written(self):
+        out = self.tmp / "refused"
+        result = self.run_configs("--output_dir", str(out))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no Stable Diffusion folder was given", result.stdout + result.stderr)
+        self.assertFalse(out.exists())
+
+
 if __name__ == "__main__":
     unittest.main()
