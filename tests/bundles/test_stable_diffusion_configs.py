@@ -11,7 +11,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
+from monai_cfx.data import generate_phantom
+from monai_cfx.utils import write_json, write_nifti
 from tests.helpers import BUNDLES, check_ok, run_relocated
 from tests.networks.nets.test_stable_diffusion import HAS_DIFFUSERS, save_pipeline
 
@@ -89,6 +92,57 @@ class TestGroundingOnStableDiffusion(unittest.TestCase):
                 values = np.asarray(saved.dataobj)
                 self.assertTrue(np.isfinite(values).all())
             self.assertGreater(np.ptp(np.asarray(nib.load(out / record["heatmap"]).dataobj)), 0)
+
+    def test_missing_folder_is_refused_with_nothing_written(self):
+        out = self.tmp / "refused"
+        result = self.run_configs("--output_dir", str(out))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no Stable Diffusion folder was given", result.stdout + result.stderr)
+        self.assertFalse(out.exists())
+
+
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestTraversalOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+        data = cls.tmp / "scans"
+        data.mkdir()
+        cls.affine = np.diag([0.8, 0.8, 1.0, 1.0])  # the user's own grid, not the phantoms'
+        write_nifti(generate_phantom("chest", 7000, size=128, findings=[])["image"], cls.affine, data / "scan.nii.gz")
+        write_json({"testing": [{"image": "scan.nii.gz"}]}, data / "scans.json")
+        cls.data = data
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_configs(self, *overrides):
+        configs = ["inference.json", "stable_diffusion.json"]
+        fast = ["--num_inference_steps", "10", "--swap_steps", "[2, 5, 8]", "--num_frames", "6"]
+        return run_relocated(BUNDLES / "trajectory_traversal", configs, *fast, *overrides, cwd=self.tmp)
+
+    def test_seeds_sample_the_folders_latent_shape(self):
+        out = self.tmp / "seeds"
+        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--seeds", "[3]", "--output_dir", str(out)))
+        record = json.loads((out / "traversal.json").read_text())["trajectories"][0]
+        frames = nib.load(out / record["files"]["frames"])
+        self.assertEqual(frames.shape, (16, 16, 1, 1, 6))  # the tiny folder's sample size 8 times its VAE's factor 2
+        latents = torch.load(out / record["files"]["latents"], weights_only=True)
+        self.assertEqual(tuple(latents["frame_latents"].shape[-3:]), (4, 8, 8))
+        self.assertTrue(np.isfinite(np.asarray(frames.dataobj)).all())
+        self.assertGreater(np.ptp(np.asarray(frames.dataobj)), 0)
+
+    def test_scans_keep_their_grid(self):
+        out = self.tmp / "scans_out"
+        scans = ["--datalist", str(self.data / "scans.json"), "--dataset_dir", str(self.data)]
+        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), *scans, "--output_dir", str(out),
+                                        "--inversion_fixed_point_iterations", "1"))  # fmt: skip
+        record = json.loads((out / "traversal.json").read_text())["trajectories"][0]
+        frames = nib.load(out / record["files"]["frames"])
+        self.assertEqual(frames.shape[:2], (128, 128))  # traversed at the tiny model's 16², written back on the scan
+        np.testing.assert_allclose(frames.affine, self.affine)
 
     def test_missing_folder_is_refused_with_nothing_written(self):
         out = self.tmp / "refused"
