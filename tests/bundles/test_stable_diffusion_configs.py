@@ -152,5 +152,65 @@ class TestTraversalOnStableDiffusion(unittest.TestCase):
         self.assertFalse(out.exists())
 
 
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestDriftingOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_configs(self, configs, *overrides):
+        common = ["--dataset_dir", str(self.tmp / "target"), "--num_target_training", "4", "--num_target_held_out", "4"]
+        configs = [*configs, "stable_diffusion.json"]
+        return run_relocated(BUNDLES / "latent_drifting", configs, *common, *overrides, cwd=self.tmp)
+
+    def test_drifting_fine_tune_samples_and_goes_back_to_diffusers(self):
+        from diffusers import UNet2DConditionModel
+
+        from monai_cfx.engines import load_finetuned
+        from monai_cfx.networks.nets import load_stable_diffusion, save_unet_to_diffusers
+
+        sd_path, path = self.tmp / "sd", self.tmp / "finetuned.pt"
+        training = ["--max_epochs", "1", "--batch_size", "2", "--mode", "full", "--drift", "0.02"]
+        check_ok(self, self.run_configs(["inference.json", "finetune.json"], "--sd_path", str(sd_path), *training,
+                                        "--finetuned_path", str(path)))  # fmt: skip
+        out = self.tmp / "samples"
+        check_ok(self, self.run_configs(["inference.json"], "--sd_path", str(sd_path), "--finetuned_path", str(path),
+                                        "--num_inference_steps", "3", "--output_dir", str(out)))  # fmt: skip
+        prompts = json.loads((out / "prompts.json").read_text())
+        self.assertEqual(len(prompts), 5)
+        sample = nib.load(next(out.glob("*.nii.gz")))
+        self.assertEqual(sample.shape[:2], (16, 16))  # the tiny folder's image size
+        self.assertTrue(np.isfinite(np.asarray(sample.dataobj)).all())
+        # the fine-tuned weights differ from the folder's and go back into the diffusers layout exactly
+        source = load_stable_diffusion(sd_path)
+        tuned = load_stable_diffusion(sd_path, text_encoder=False).unet
+        info = load_finetuned(path, tuned, source.text_encoder)
+        self.assertEqual((info["mode"], info["drift"]), ("full", 0.02))
+        pairs = zip(tuned.state_dict().values(), source.unet.state_dict().values())
+        self.assertTrue(any(not torch.equal(a, b) for a, b in pairs))
+        exported = save_unet_to_diffusers(tuned, self.tmp / "exported_unet", source.unet_config)
+        diffusers_unet = UNet2DConditionModel.from_pretrained(exported).eval()
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        context = torch.randn(1, 77, source.unet_config["cross_attention_dim"])
+        timesteps = torch.tensor([500])
+        with torch.no_grad():
+            expected = tuned.eval()(latents, timesteps, context=context)
+            actual = diffusers_unet(latents, timesteps, encoder_hidden_states=context).sample
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+    def test_missing_folder_is_refused_with_nothing_written(self):
+        path = self.tmp / "refused.pt"
+        configs = ["inference.json", "finetune.json"]
+        result = self.run_configs(configs, "--max_epochs", "1", "--finetuned_path", str(path))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no Stable Diffusion folder was given", result.stdout + result.stderr)
+        self.assertFalse(path.exists())
+
+
 if __name__ == "__main__":
     unittest.main()
