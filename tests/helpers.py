@@ -217,7 +217,8 @@ def save_tiny_bert(folder: str, vocab_dir: str | None = None) -> tuple[BertModel
 
 # ---------------------------------------------------------------------------------------------------- bundles
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = REPO_ROOT / "bundles"
 LATENT_DIFFUSION_BUNDLE = BUNDLES / "latent_diffusion"
 SCHEMA = BUNDLES / "schemas" / "meta_schema_text_to_image_ldm.json"
 
