@@ -32,7 +32,7 @@ from monai.metrics import compute_roc_auc
 from monai_cfx.apps.bundle_io import to_scan_grid
 from monai_cfx.engines import DiffMatchLoss, LabelledBatchSampler, StrongLatentAugment
 from monai_cfx.inferers import ClassifierGuidanceHook, CounterfactualInferer
-from monai_cfx.networks.nets import JointDiffusionUNet
+from monai_cfx.networks.nets import JointDiffusionUNet, unet_from_config
 from monai_cfx.networks.utils import encode_mean
 from monai_cfx.transforms import DifferenceMap
 from monai_cfx.utils import (
@@ -60,6 +60,7 @@ __all__ = [
     "load_joint_network",
     "oracle_baseline",
     "publish_model",
+    "stable_diffusion_joint_network",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,36 @@ def load_joint_network(
     """
     network = joint_network(unet_config, num_classes, classifier_hidden, classifier_dropout)
     return load_weights(network, path, key="model").eval()
+
+
+def stable_diffusion_joint_network(
+    stable_diffusion: Any,
+    num_classes: int,
+    classifier_hidden: int = 2048,
+    classifier_dropout: float = 0.3,
+    joint_path: str | os.PathLike | None = None,
+) -> JointDiffusionUNet:
+    """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the architecture of a Stable Diffusion folder's
+    UNet (``stable_diffusion``: :func:`~monai_cfx.networks.nets.load_stable_diffusion`'s result) and a head of
+    ``num_classes`` outputs: initialised from the folder's converted UNet weights (only the head is new), or, with
+    ``joint_path``, a trained joint network (every key required, in ``eval()`` mode).
+
+    Raises:
+        FileNotFoundError: when ``joint_path`` does not exist.
+        ValueError: for a ``joint_path`` checkpoint of another network or head size.
+    """
+    network = unet_from_config(
+        stable_diffusion.unet_config,
+        network_class=JointDiffusionUNet,
+        num_classes=num_classes,
+        classifier_hidden=classifier_hidden,
+        classifier_dropout=classifier_dropout,
+    )
+    if joint_path is not None:
+        return load_weights(network, joint_path, key="model").eval()
+    new_keys = network.load_unet_state_dict(stable_diffusion.unet.state_dict())
+    logger.info(f"initialised the joint network from the Stable Diffusion UNet; new (trained from scratch): {new_keys}")
+    return network
 
 
 def labelled_batch_sampler(

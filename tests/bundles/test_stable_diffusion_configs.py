@@ -190,5 +190,49 @@ class TestDriftingOnStableDiffusion(unittest.TestCase):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
 
 
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestMediffusionOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_configs(self, config, *overrides):
+        configs = [config, "stable_diffusion.json"]
+        common = ["--sd_path", str(self.tmp / "sd"), "--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40"]
+        common += ["--seed", "5000", "--model_dir", str(self.tmp / "models")]
+        return run_relocated(BUNDLES / "mediffusion", configs, *common, *overrides, cwd=self.tmp)
+
+    def test_joint_network_trains_and_explains(self):
+        from monai_cfx.apps.mediffusion import stable_diffusion_joint_network
+        from monai_cfx.networks.nets import load_stable_diffusion
+
+        training = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "4", "--labelled_fraction", "0.25"]
+        check_ok(self, self.run_configs("train.json", *training, "--output_dir", str(self.tmp / "train")))
+        model = self.tmp / "models" / "joint_sd_sd_0.25.pt"  # named after the folder
+        self.assertTrue(model.is_file())
+        # the saved joint network has the folder's UNet architecture and a head; it loads with every key
+        sd = load_stable_diffusion(self.tmp / "sd", text_encoder=False)
+        joint = stable_diffusion_joint_network(sd, 4, joint_path=model)
+        context = torch.zeros(1, 77, sd.unet_config["cross_attention_dim"])
+        logits = joint.classify(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), context=context)
+        self.assertEqual(tuple(logits.shape), (1, 4))
+        out = self.tmp / "explain"
+        explain = ["--num_items", "2", "--num_inference_steps", "4", "--batch_size", "2", "--output_dir", str(out)]
+        check_ok(self, self.run_configs("inference.json", *explain, "--model_name", "joint_sd_sd_0.25",
+                                        "--decision_threshold", "0.0"))  # fmt: skip
+        manifest = json.loads((out / "explanations.json").read_text())
+        self.assertEqual(len(manifest["items"]), 2)
+        for item in manifest["items"]:
+            self.assertEqual(len(item["removed"]), 4)  # threshold 0: every finding is removed
+            image = nib.load(out / item["files"]["difference"])
+            self.assertEqual(image.shape, (128, 128))  # explained at the tiny model's 16², written on the scan's grid
+            self.assertTrue(np.isfinite(np.asarray(image.dataobj)).all())
+
+
 if __name__ == "__main__":
     unittest.main()

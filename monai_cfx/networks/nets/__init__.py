@@ -24,6 +24,7 @@ from .stable_diffusion import (
     load_stable_diffusion_scheduler,
     load_stable_diffusion_unet,
     save_unet_to_diffusers,
+    unet_from_config,
 )
 from .text_encoder import AddedTokenEmbedding, PhraseTruncatedError, TextEncoder
 
@@ -41,4 +42,5 @@ __all__ = [
     "load_stable_diffusion_scheduler",
     "load_stable_diffusion_unet",
     "save_unet_to_diffusers",
+    "unet_from_config",
 ]

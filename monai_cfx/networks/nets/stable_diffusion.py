@@ -126,8 +126,16 @@ def _per_level(name: str, value: Any, levels: int, where: str) -> list[Any]:
 # --------------------------------------------------------------------------------------------------------- UNet
 
 
-def unet_from_config(config: Mapping[str, Any], where: str = "unet/config.json") -> DiffusionModelUNet:
+def unet_from_config(
+    config: Mapping[str, Any],
+    where: str = "unet/config.json",
+    network_class: type[DiffusionModelUNet] = DiffusionModelUNet,
+    **extra_arguments: Any,
+) -> DiffusionModelUNet:
     """A MONAI ``DiffusionModelUNet`` of a diffusers ``UNet2DConditionModel`` config (SD 1.x and 2.x layouts).
+
+    ``network_class`` builds it (a ``DiffusionModelUNet`` subclass with the same architecture, such as
+    :class:`~monai_cfx.networks.nets.JointDiffusionUNet`, taking ``extra_arguments`` as well).
 
     Raises:
         ValueError: naming the field, for anything MONAI cannot express (SDXL's added embeddings and per-level
@@ -160,7 +168,7 @@ def unet_from_config(config: Mapping[str, Any], where: str = "unet/config.json")
             "depth for every level."
         )
     num_res_blocks = [int(n) for n in _per_level("layers_per_block", config.get("layers_per_block", 2), levels, where)]
-    unet = DiffusionModelUNet(
+    unet = network_class(
         spatial_dims=2,
         in_channels=int(config.get("in_channels", 4)),
         out_channels=int(config.get("out_channels", 4)),
@@ -174,6 +182,7 @@ def unet_from_config(config: Mapping[str, Any], where: str = "unet/config.json")
         transformer_num_layers=int(layers[0]),
         cross_attention_dim=int(config.get("cross_attention_dim", 768)),
         upcast_attention=bool(config.get("upcast_attention", False)),
+        **extra_arguments,
     )
     # diffusers' Transformer2DModel normalises its input with eps 1e-6 whatever the config's norm_eps
     for module in unet.modules():
