@@ -232,12 +232,16 @@ def run_bundle(configs, *overrides, launcher=(), bundle=LATENT_DIFFUSION_BUNDLE)
     return subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
 
 
-def run_relocated(bundle: Path, configs, *overrides, cwd, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_relocated(
+    bundle: Path, configs, *overrides, cwd, timeout: int = 900, launcher=None
+) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` of ``bundle``'s ``configs`` from ``cwd`` (not the bundle's folder), with
-    ``--bundle_root`` and absolute config paths: how MONAI Label, MONAI Deploy and users elsewhere run a bundle."""
+    ``--bundle_root`` and absolute config paths: how MONAI Label, MONAI Deploy and users elsewhere run a bundle.
+    ``launcher`` replaces ``[python]`` (e.g. ``[python, "-m", "torch.distributed.run", ...]``)."""
     config_file = str([str(bundle / "configs" / name) for name in configs])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(bundle), "--config_file", config_file]
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--bundle_root", str(bundle)]
+    cmd += ["--config_file", config_file]
     cmd += ["--meta_file", str(bundle / "configs" / "metadata.json"), *overrides]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_in_distribution",
     "check_output_dir",
     "load_datalist",
+    "merge_rank_manifests",
     "prepare_scans",
     "to_scan_grid",
     "validate_items",
@@ -283,3 +284,40 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else "."
             raise ValueError(f"override --{key} is not a key of the configs {names}{hint}")
+
+
+def merge_rank_manifests(
+    output_dir: str | os.PathLike,
+    manifest_name: str,
+    item_order: Sequence[Any] = (),
+    world_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge the per-rank manifests of a multi-process run (``<manifest_name>_rank<r>.json``, written by each rank's
+    :class:`~monai_cfx.handlers.ItemSaver`) into ``<manifest_name>.json``, in the order of ``item_order`` (the input
+    paths of the run's items; records of other inputs follow in rank order), and remove the rank files: the folder
+    then holds what a one-process run writes. Call it on one rank, after every rank finished (a barrier).
+
+    Raises:
+        FileNotFoundError: when a rank's manifest is missing (that rank did not finish).
+    """
+    from monai_cfx.utils import check_writable, write_json
+
+    output_dir = Path(output_dir)
+    if world_size is None:
+        import torch.distributed as dist
+
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    parts = [output_dir / f"{manifest_name}_rank{rank}.json" for rank in range(world_size)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the per-rank manifests {missing} are missing: a rank of the run did not finish.")
+    target = output_dir / f"{manifest_name}.json"
+    check_writable(target, overwrite)
+    records = [record for part in parts for record in json.loads(part.read_text())]
+    position = {str(image): index for index, image in enumerate(item_order)}
+    records.sort(key=lambda record: position.get(str(record.get("image")), len(position)))  # stable
+    write_json(records, target, overwrite=overwrite)
+    for part in parts:
+        part.unlink()
+    return target
