@@ -234,5 +234,32 @@ class TestMediffusionOnStableDiffusion(unittest.TestCase):
             self.assertTrue(np.isfinite(np.asarray(image.dataobj)).all())
 
 
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestSamplingOnStableDiffusion(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp())
+        save_pipeline(str(cls.tmp / "sd"), "sd1")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_prompts_are_sampled_at_the_folders_size(self):
+        out = self.tmp / "samples"
+        prompts = '["Normal chest radiograph.", "Chest radiograph with cardiomegaly."]'
+        overrides = ["--sd_path", str(self.tmp / "sd"), "--prompts", prompts, "--num_inference_steps", "3"]
+        configs = ["inference.json", "stable_diffusion.json"]
+        check_ok(self, run_relocated(BUNDLES / "latent_diffusion", configs, *overrides, "--output_dir", str(out),
+                                     cwd=self.tmp))  # fmt: skip
+        self.assertEqual(len(json.loads((out / "prompts.json").read_text())), 2)
+        samples = sorted(out.glob("*.nii.gz"))
+        self.assertEqual(len(samples), 2)
+        for path in samples:
+            values = np.asarray(nib.load(path).dataobj)
+            self.assertEqual(values.shape[:2], (16, 16))  # the tiny folder's sample size 8 times its VAE's factor 2
+            self.assertTrue(np.isfinite(values).all())
+
+
 if __name__ == "__main__":
     unittest.main()
