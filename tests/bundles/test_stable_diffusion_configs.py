@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from parameterized import parameterized
 
 from monai_cfx.data import generate_phantom
 from monai_cfx.utils import write_json, write_nifti
@@ -236,19 +237,23 @@ class TestMediffusionOnStableDiffusion(unittest.TestCase):
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
 class TestSamplingOnStableDiffusion(unittest.TestCase):
+    """Also on an SD 2.x layout (linear projections, v-prediction), which the other bundles' tests leave out."""
+
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
+        for kind in ("sd1", "sd2"):
+            save_pipeline(str(cls.tmp / kind), kind)
 
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def test_prompts_are_sampled_at_the_folders_size(self):
-        out = self.tmp / "samples"
+    @parameterized.expand([("sd1",), ("sd2",)])
+    def test_prompts_are_sampled_at_the_folders_size(self, kind):
+        out = self.tmp / f"samples_{kind}"
         prompts = '["Normal chest radiograph.", "Chest radiograph with cardiomegaly."]'
-        overrides = ["--sd_path", str(self.tmp / "sd"), "--prompts", prompts, "--num_inference_steps", "3"]
+        overrides = ["--sd_path", str(self.tmp / kind), "--prompts", prompts, "--num_inference_steps", "3"]
         configs = ["inference.json", "stable_diffusion.json"]
         check_ok(self, run_relocated(BUNDLES / "latent_diffusion", configs, *overrides, "--output_dir", str(out),
                                      cwd=self.tmp))  # fmt: skip
