@@ -292,11 +292,12 @@ def merge_rank_manifests(
     item_order: Sequence[Any] = (),
     world_size: int | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> Path | None:
     """Merge the per-rank manifests of a multi-process run (``<manifest_name>_rank<r>.json``, written by each rank's
     :class:`~monai_cfx.handlers.ItemSaver`) into ``<manifest_name>.json``, in the order of ``item_order`` (the input
     paths of the run's items; records of other inputs follow in rank order), and remove the rank files: the folder
-    then holds what a one-process run writes. Call it on one rank, after every rank finished (a barrier).
+    then holds what a one-process run writes; ``None`` when no rank saved items (an evaluation that writes only its
+    metrics). Call it on one rank, after every rank finished (a barrier).
 
     Raises:
         FileNotFoundError: when a rank's manifest is missing (that rank did not finish).
@@ -310,6 +311,8 @@ def merge_rank_manifests(
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     parts = [output_dir / f"{manifest_name}_rank{rank}.json" for rank in range(world_size)]
     missing = [str(p) for p in parts if not p.is_file()]
+    if len(missing) == len(parts):
+        return None  # the run saved no items (an evaluation without --save_outputs)
     if missing:
         raise FileNotFoundError(f"the per-rank manifests {missing} are missing: a rank of the run did not finish.")
     target = output_dir / f"{manifest_name}.json"

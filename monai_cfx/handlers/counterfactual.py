@@ -163,6 +163,18 @@ class CounterfactualSaver(ItemSaver):
         return record
 
 
+def gather_in_order(values: Sequence[float]) -> list[float]:
+    """Every rank's per-item ``values`` in the dataset's order, for a sampler that gives rank ``r`` of ``W`` the
+    items ``r, r + W, r + 2W, ...`` (MONAI's and PyTorch's ``DistributedSampler`` without shuffling or padding, as
+    the bundles' ``multi_gpu_inference.json`` uses); the values themselves outside a multi-process run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(values))
+    longest = max(len(part) for part in parts)
+    return [part[index] for index in range(longest) for part in parts if index < len(part)]
+
+
 class CounterfactualMetricsHandler:
     """Per-image counterfactual quality, averaged over the run into ``engine.state.metrics``.
 
@@ -178,8 +190,8 @@ class CounterfactualMetricsHandler:
       ``twin_l1_inside`` and ``twin_ssim``.
 
     Means skip undefined values (e.g. AUROC of an image without a finding). Values of all ranks are gathered
-    before averaging, so every rank ends with the same metrics. ``engine.state.metrics["per_image"]`` keeps
-    the per-image values of this rank.
+    before averaging, so every rank ends with the same metrics. ``engine.state.metrics["per_image"]`` keeps the
+    per-image values, of every rank in the dataset's order (:func:`gather_in_order`).
 
     Args:
         oracle: classifier with ``logits_and_embedding`` (a ``FindingClassifier``) or returning logits.
@@ -292,7 +304,9 @@ class CounterfactualMetricsHandler:
         return list(BASE_METRICS) + (list(TWIN_METRICS) if self.twin_key is not None else [])
 
     def _completed(self, engine: Engine) -> None:
-        engine.state.metrics["per_image"] = {k: list(v) for k, v in self.values.items()}
+        # every rank gathers every name (collective calls in the same order), then names with no value are left out
+        per_image = {name: gather_in_order(self.values.get(name, [])) for name in self.metric_names()}
+        engine.state.metrics["per_image"] = {name: values for name, values in per_image.items() if values}
         for name in self.metric_names():
             # ranks may hold different numbers of images (a sampler that is not evenly divisible)
             gathered = evenly_divisible_all_gather(torch.tensor(self.values.get(name, []), dtype=torch.float64))

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from parameterized import parameterized
 
-from monai_cfx.data import generate_phantom
+from monai_cfx.data import ensure_phantom_datalist, generate_phantom
 from monai_cfx.utils import write_json, write_nifti
 from tests.helpers import BUNDLES, TempFolderCase, check_ok, run_relocated
 
@@ -71,3 +71,40 @@ class TestMultiProcessInference(TempFolderCase):
                 actual = nib.load(two / record[key])
                 np.testing.assert_allclose(actual.affine, expected.affine)
                 np.testing.assert_allclose(np.asarray(actual.dataobj), np.asarray(expected.dataobj), atol=1e-4)
+
+    @parameterized.expand([("counterfactual", ["--num_items", "3"]),
+                           ("phrase_grounding", ["--num_items", "3", "--batch_size", "1"])])  # fmt: skip
+    def test_two_process_evaluation_gathers_the_same_metrics(self, bundle, overrides):
+        phantoms = self.tmp / "phantoms"
+        ensure_phantom_datalist(phantoms, kind="chest", num=40, seed=5000, size=64)
+        common = ["--dataset_dir", str(phantoms), "--num_subjects", "40", "--seed", "5000"]
+        common += ["--data_list_key", "training", *overrides]
+        configs = ["inference.json", "evaluate.json"]
+        one, two = self.tmp / f"{bundle}_evaluate_one", self.tmp / f"{bundle}_evaluate_two"
+        check_ok(self, run_relocated(BUNDLES / bundle, configs, *common, "--output_dir", str(one), cwd=self.tmp))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        result = run_relocated(BUNDLES / bundle, [*configs, "multi_gpu_inference.json"], *common,
+                               "--output_dir", str(two), cwd=self.tmp, launcher=launcher)  # fmt: skip
+        check_ok(self, result)
+        self.assertEqual(sorted(p.name for p in two.iterdir()), ["metrics.json"])  # written once, by rank 0
+        expected = json.loads((one / "metrics.json").read_text())
+        actual = json.loads((two / "metrics.json").read_text())
+        compare(self, actual, expected)  # settings, every metric and the per-image values in datalist order
+
+
+def compare(test, actual, expected, path="metrics"):
+    """Nested metrics equal within float rounding (gathered items are averaged in another order)."""
+    if isinstance(expected, dict):
+        test.assertEqual(sorted(actual), sorted(expected), path)
+        for key in expected:
+            compare(test, actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        test.assertEqual(len(actual), len(expected), path)
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            compare(test, a, e, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        test.assertTrue(
+            np.isclose(actual, expected, rtol=1e-4, atol=1e-6, equal_nan=True), f"{path}: {actual} {expected}"
+        )
+    else:
+        test.assertEqual(actual, expected, path)
