@@ -20,17 +20,25 @@ from tests.helpers import BUNDLES, check_ok, run_relocated
 from tests.networks.nets.test_stable_diffusion import HAS_DIFFUSERS, save_pipeline
 
 
-@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestCounterfactualOnStableDiffusion(unittest.TestCase):
+class StableDiffusionFolderCase(unittest.TestCase):
+    """Tiny pipelines saved by diffusers into ``tmp/<kind>``, for the class; ``sd`` is the first one's folder."""
+
+    kinds: tuple[str, ...] = ("sd1",)
+
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
+        for kind in cls.kinds:
+            save_pipeline(str(cls.tmp / kind), kind)
+        cls.sd = cls.tmp / cls.kinds[0]
 
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
+
+@unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
+class TestCounterfactualOnStableDiffusion(StableDiffusionFolderCase):
     def run_configs(self, *overrides):
         configs = ["inference.json", "stable_diffusion.json"]
         common = ["--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40", "--num_items", "2"]
@@ -38,7 +46,7 @@ class TestCounterfactualOnStableDiffusion(unittest.TestCase):
 
     def test_counterfactuals_on_the_scans_grid(self):
         out = self.tmp / "out"
-        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--output_dir", str(out)))
+        check_ok(self, self.run_configs("--sd_path", str(self.sd), "--output_dir", str(out)))
         records = json.loads((out / "counterfactuals.json").read_text())
         self.assertEqual(len(records), 2)
         for record in records:
@@ -52,7 +60,7 @@ class TestCounterfactualOnStableDiffusion(unittest.TestCase):
     def test_missing_or_wrong_folder_is_refused_with_nothing_written(self):
         for overrides, message in (
             ([], "no Stable Diffusion folder was given"),
-            (["--sd_path", str(self.tmp / "sd" / "unet")], "is not a diffusers pipeline folder"),
+            (["--sd_path", str(self.sd / "unet")], "is not a diffusers pipeline folder"),
         ):
             out = self.tmp / f"refused_{len(overrides)}"
             result = self.run_configs(*overrides, "--output_dir", str(out))
@@ -62,16 +70,7 @@ class TestCounterfactualOnStableDiffusion(unittest.TestCase):
 
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestGroundingOnStableDiffusion(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TestGroundingOnStableDiffusion(StableDiffusionFolderCase):
     def run_configs(self, *overrides):
         configs = ["inference.json", "stable_diffusion.json"]
         # the tiny UNet has cross-attention at level 0 and in the middle block (level 1); SD's level 2 is absent
@@ -81,7 +80,7 @@ class TestGroundingOnStableDiffusion(unittest.TestCase):
 
     def test_heatmaps_on_the_scans_grid(self):
         out = self.tmp / "out"
-        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--output_dir", str(out)))
+        check_ok(self, self.run_configs("--sd_path", str(self.sd), "--output_dir", str(out)))
         records = json.loads((out / "grounding.json").read_text())
         self.assertEqual(len(records), 2)
         for record in records:
@@ -96,21 +95,16 @@ class TestGroundingOnStableDiffusion(unittest.TestCase):
 
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestTraversalOnStableDiffusion(unittest.TestCase):
+class TestTraversalOnStableDiffusion(StableDiffusionFolderCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
+        super().setUpClass()
         data = cls.tmp / "scans"
         data.mkdir()
         cls.affine = np.diag([0.8, 0.8, 1.0, 1.0])  # the user's own grid, not the phantoms'
         write_nifti(generate_phantom("chest", 7000, size=128, findings=[])["image"], cls.affine, data / "scan.nii.gz")
         write_json({"testing": [{"image": "scan.nii.gz"}]}, data / "scans.json")
         cls.data = data
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def run_configs(self, *overrides):
         configs = ["inference.json", "stable_diffusion.json"]
@@ -119,7 +113,7 @@ class TestTraversalOnStableDiffusion(unittest.TestCase):
 
     def test_seeds_sample_the_folders_latent_shape(self):
         out = self.tmp / "seeds"
-        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), "--seeds", "[3]", "--output_dir", str(out)))
+        check_ok(self, self.run_configs("--sd_path", str(self.sd), "--seeds", "[3]", "--output_dir", str(out)))
         record = json.loads((out / "traversal.json").read_text())["trajectories"][0]
         frames = nib.load(out / record["files"]["frames"])
         self.assertEqual(frames.shape, (16, 16, 1, 1, 6))  # the tiny folder's sample size 8 times its VAE's factor 2
@@ -131,7 +125,7 @@ class TestTraversalOnStableDiffusion(unittest.TestCase):
     def test_scans_keep_their_grid(self):
         out = self.tmp / "scans_out"
         scans = ["--datalist", str(self.data / "scans.json"), "--dataset_dir", str(self.data)]
-        check_ok(self, self.run_configs("--sd_path", str(self.tmp / "sd"), *scans, "--output_dir", str(out),
+        check_ok(self, self.run_configs("--sd_path", str(self.sd), *scans, "--output_dir", str(out),
                                         "--inversion_fixed_point_iterations", "1"))  # fmt: skip
         record = json.loads((out / "traversal.json").read_text())["trajectories"][0]
         frames = nib.load(out / record["files"]["frames"])
@@ -140,16 +134,7 @@ class TestTraversalOnStableDiffusion(unittest.TestCase):
 
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestDriftingOnStableDiffusion(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TestDriftingOnStableDiffusion(StableDiffusionFolderCase):
     def run_configs(self, configs, *overrides):
         common = ["--dataset_dir", str(self.tmp / "target"), "--num_target_training", "4", "--num_target_held_out", "4"]
         configs = [*configs, "stable_diffusion.json"]
@@ -161,7 +146,7 @@ class TestDriftingOnStableDiffusion(unittest.TestCase):
         from monai_cfx.engines import load_finetuned
         from monai_cfx.networks.nets import load_stable_diffusion, save_unet_to_diffusers
 
-        sd_path, path = self.tmp / "sd", self.tmp / "finetuned.pt"
+        sd_path, path = self.sd, self.tmp / "finetuned.pt"
         training = ["--max_epochs", "1", "--batch_size", "2", "--mode", "full", "--drift", "0.02"]
         check_ok(self, self.run_configs(["inference.json", "finetune.json"], "--sd_path", str(sd_path), *training,
                                         "--finetuned_path", str(path)))  # fmt: skip
@@ -192,19 +177,10 @@ class TestDriftingOnStableDiffusion(unittest.TestCase):
 
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestMediffusionOnStableDiffusion(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        save_pipeline(str(cls.tmp / "sd"), "sd1")
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
+class TestMediffusionOnStableDiffusion(StableDiffusionFolderCase):
     def run_configs(self, config, *overrides):
         configs = [config, "stable_diffusion.json"]
-        common = ["--sd_path", str(self.tmp / "sd"), "--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40"]
+        common = ["--sd_path", str(self.sd), "--dataset_dir", str(self.tmp / "data"), "--num_subjects", "40"]
         common += ["--seed", "5000", "--model_dir", str(self.tmp / "models")]
         return run_relocated(BUNDLES / "mediffusion", configs, *common, *overrides, cwd=self.tmp)
 
@@ -214,17 +190,17 @@ class TestMediffusionOnStableDiffusion(unittest.TestCase):
 
         training = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "4", "--labelled_fraction", "0.25"]
         check_ok(self, self.run_configs("train.json", *training, "--output_dir", str(self.tmp / "train")))
-        model = self.tmp / "models" / "joint_sd_sd_0.25.pt"  # named after the folder
+        model = self.tmp / "models" / "joint_sd_sd1_0.25.pt"  # named after the folder
         self.assertTrue(model.is_file())
         # the saved joint network has the folder's UNet architecture and a head; it loads with every key
-        sd = load_stable_diffusion(self.tmp / "sd", text_encoder=False)
+        sd = load_stable_diffusion(self.sd, text_encoder=False)
         joint = stable_diffusion_joint_network(sd, 4, joint_path=model)
         context = torch.zeros(1, 77, sd.unet_config["cross_attention_dim"])
         logits = joint.classify(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), context=context)
         self.assertEqual(tuple(logits.shape), (1, 4))
         out = self.tmp / "explain"
         explain = ["--num_items", "2", "--num_inference_steps", "4", "--batch_size", "2", "--output_dir", str(out)]
-        check_ok(self, self.run_configs("inference.json", *explain, "--model_name", "joint_sd_sd_0.25",
+        check_ok(self, self.run_configs("inference.json", *explain, "--model_name", "joint_sd_sd1_0.25",
                                         "--decision_threshold", "0.0"))  # fmt: skip
         manifest = json.loads((out / "explanations.json").read_text())
         self.assertEqual(len(manifest["items"]), 2)
@@ -236,18 +212,10 @@ class TestMediffusionOnStableDiffusion(unittest.TestCase):
 
 
 @unittest.skipUnless(HAS_DIFFUSERS, "diffusers (a test dependency, the dev extra) writes the fixture")
-class TestSamplingOnStableDiffusion(unittest.TestCase):
+class TestSamplingOnStableDiffusion(StableDiffusionFolderCase):
     """Also on an SD 2.x layout (linear projections, v-prediction), which the other bundles' tests leave out."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp())
-        for kind in ("sd1", "sd2"):
-            save_pipeline(str(cls.tmp / kind), kind)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+    kinds = ("sd1", "sd2")
 
     @parameterized.expand([("sd1",), ("sd2",)])
     def test_prompts_are_sampled_at_the_folders_size(self, kind):
