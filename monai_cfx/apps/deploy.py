@@ -36,6 +36,7 @@ from typing import Any
 from monai.utils import optional_import
 
 from monai_cfx.apps.bundle_runner import BundleRunner, bundle_runners
+from monai_cfx.handlers.saving import file_stem
 from monai_cfx.utils import write_json
 
 _core, HAS_DEPLOY = optional_import("monai.deploy.core")
@@ -89,14 +90,6 @@ def scan_paths(input_path: str | os.PathLike) -> list[Path]:
     return scans
 
 
-def _scan_name(path: Path) -> str:
-    name = path.name
-    for suffix in SCAN_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 class ScanPathsOperator(_BASE):  # type: ignore[misc, valid-type]
     """Emits the list of scans of ``input_folder`` (:func:`scan_paths`) on ``image_paths``."""
 
@@ -139,7 +132,7 @@ class BundleOperator(_BASE):  # type: ignore[misc, valid-type]
         results = []
         for path in op_input.receive("image_paths"):
             path = Path(path)
-            label, record = self.runner({**self.request, "image": str(path)}, self.output_folder / _scan_name(path))
+            label, record = self.runner({**self.request, "image": str(path)}, self.output_folder / file_stem(path))
             self._logger.info(f"{self.runner.bundle_dir.name}: {path.name} -> {label}")
             results.append({"scan": str(path), "label": label, **record})
         op_output.emit(results, "results")

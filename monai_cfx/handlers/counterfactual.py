@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
-from monai.utils import CommonKeys, IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
+from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
 from monai_cfx.metrics import compute_counterfactual_validity, compute_localization_auroc, compute_masked_l1
 from monai_cfx.utils import check_option, save_figure, write_nifti
@@ -308,8 +308,8 @@ class CounterfactualMetricsHandler:
         per_image = {name: gather_in_order(self.values.get(name, [])) for name in self.metric_names()}
         engine.state.metrics["per_image"] = {name: values for name, values in per_image.items() if values}
         for name in self.metric_names():
-            # ranks may hold different numbers of images (a sampler that is not evenly divisible)
-            gathered = evenly_divisible_all_gather(torch.tensor(self.values.get(name, []), dtype=torch.float64))
+            # the means come from the values gathered above: one collective per metric, whatever each rank holds
+            gathered = torch.tensor(per_image[name], dtype=torch.float64)
             finite = gathered[~torch.isnan(gathered)]
             engine.state.metrics[name] = float(finite.mean()) if len(finite) else math.nan
             engine.state.metrics[f"{name}_count"] = int(len(finite))

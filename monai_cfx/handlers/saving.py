@@ -52,17 +52,20 @@ def iterate_items(engine: Engine) -> list[dict[str, Any]]:
     ]
 
 
-def item_stem(item: Mapping[str, Any], key: str, fallback: str) -> str:
-    """The file name of ``item[key]`` without its image suffix, or ``fallback`` when it has none."""
-    image = item.get(key)
-    name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if not name:
-        return fallback
-    name = os.path.basename(str(name))
+def file_stem(path: str | os.PathLike) -> str:
+    """The file name of ``path`` without its image suffix (``.nii.gz`` as one suffix)."""
+    name = os.path.basename(str(path))
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".dcm", ".npy"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return os.path.splitext(name)[0]
+
+
+def item_stem(item: Mapping[str, Any], key: str, fallback: str) -> str:
+    """The file name of ``item[key]`` without its image suffix, or ``fallback`` when it has none."""
+    image = item.get(key)
+    name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    return file_stem(name) if name else fallback
 
 
 def affine_of(image: Any) -> np.ndarray:
