@@ -43,9 +43,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ import numpy as np
 
 from monai_cfx.data import BRAIN_FINDINGS, CHEST_FINDINGS, brain_phantom, chest_phantom, generate_phantom
 from monai_cfx.metrics import oracle_predict
-from monai_cfx.utils import check_writable, write_json, write_nifti
+from monai_cfx.utils import atomic_directory, write_json, write_nifti
 from monai_cfx.visualize import (
     plot_brain_phantoms,
     plot_chest_phantoms,
@@ -209,7 +212,7 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
 TRAJECTORY_SEEDS = (5,)
 
 
-def _traverse(output_dir: Path, overwrite: bool) -> dict[str, Any]:
+def _traverse(output_dir: Path, overwrite: bool = False) -> dict[str, Any]:
     """A 2D trajectory from the trajectory traversal bundle's inference config (its prompts and settings), saved by
     its own writer, and the classifier's probability of the target finding along it."""
     import torch
@@ -345,38 +348,8 @@ def _text_summary(reports_and_phrases: Sequence[tuple[str, Sequence[str]]]) -> d
     }
 
 
-def run_showcase(
-    output_dir: str | Path = "outputs/main",
-    num_subjects: int = 200,
-    seed: int = 0,
-    overwrite: bool = False,
-    bundle_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Write the phantom figures, NIfTI files, generated samples, ``summary.json`` and ``metrics.json`` into
-    ``output_dir`` (see the module doc). ``bundle_dir`` is the latent diffusion bundle with its weights."""
-    start = time.perf_counter()
-    seconds: dict[str, float] = {}  # where the time goes, part by part
-
-    def lap(part: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[part] = round(now - since, 2)
-        return now
-
-    output_dir = Path(output_dir)
-    bundle_dir = default_bundle_dir() if bundle_dir is None else Path(bundle_dir)
-    figures = (
-        "samples_2d.png",
-        "samples_3d.png",
-        "phantoms_2d.png",
-        "counterfactuals_2d.png",
-        "counterfactuals_3d.png",
-        "grounding_2d.png",
-        "grounding_3d.png",
-        "trajectory_2d.png",
-        "trajectory_2d",
-    )
-    for name in ("summary.json", "metrics.json", *figures):
-        check_writable(output_dir / name, overwrite)  # fail before the slow part, not after it
+def _phantom_part(output_dir: Path, seed: int) -> dict[str, Any]:
+    """The phantom figures, their NIfTI files, the shown reports and the text encoder's view of them."""
     chest = [
         (title, chest_phantom(seed + 1, findings=findings, domain=domain)) for title, findings, domain in CHEST_EXAMPLES
     ]
@@ -389,63 +362,137 @@ def run_showcase(
         ("normal, age 25", brain_phantom(seed + 2, findings=[], age=25.0)),
         ("normal, age 85", brain_phantom(seed + 2, findings=[], age=85.0)),
     ]
-    plot_chest_phantoms(chest, output_dir / "phantoms_2d.png", overwrite)
-    plot_brain_phantoms(brain, output_dir / "phantoms_3d.png", overwrite)
+    plot_chest_phantoms(chest, output_dir / "phantoms_2d.png")
+    plot_brain_phantoms(brain, output_dir / "phantoms_3d.png")
     for title, subject in chest[:-1] + brain[:1]:
         stem = title.replace(" ", "_").replace(",", "")
         kind = "brain" if subject["image"].ndim == 4 else "chest"
         for key in ("image", "healthy", "mask"):
-            write_nifti(
-                subject[key], subject["affine"], output_dir / "nifti" / f"{kind}_{stem}_{key}.nii.gz", overwrite
-            )
-    since = lap("phantom figures and nifti", start)
-    summary = {
-        "outputs": ["phantoms_2d.png", "phantoms_3d.png", "nifti/", "summary.json"],
-        "phantoms": _finding_statistics(num_subjects, seed + 1000),
-    }
-    since = lap("phantom statistics", since)
-    summary["shown_reports"] = {title: subject["report"] for title, subject in chest + brain}
-    summary["text_conditioning"] = _text_summary(
+            write_nifti(subject[key], subject["affine"], output_dir / "nifti" / f"{kind}_{stem}_{key}.nii.gz")
+    text = _text_summary(
         [(s["report"], [p["text"] for p in s["phrases"]]) for _, s in chest + brain[:1] if s["phrases"]]
     )
-    since = lap("text encoder", since)
-    generated = {}
-    for dims in SAMPLE_PROMPTS:
-        generated[dims] = _generate_samples(bundle_dir, dims, output_dir, overwrite)
-        plot_sample_grid(dims, generated[dims], len(SAMPLE_SEEDS), output_dir / f"samples_{dims}.png", overwrite)
-        since = lap(f"samples_{dims}", since)
-    metrics = {
-        dims: {key: value for key, value in result.items() if key != "images"} for dims, result in generated.items()
-    }
-    # the same abnormal phantoms explained twice: healthy counterfactuals, then phrase grounding
-    for name, explain, draw in (
-        ("counterfactuals", _explain_phantoms, plot_counterfactual_rows),
-        ("grounding", _ground_phantoms, plot_grounding_panels),
-    ):
-        for dims in COUNTERFACTUAL_EXAMPLES:
-            result = explain(dims, output_dir, overwrite, seed + 1)
-            draw(dims, result, output_dir / f"{name}_{dims}.png", overwrite)
-            for example in result["examples"]:
-                example.pop("arrays")  # drawn; not for metrics.json
-            metrics[f"{name}_{dims}"] = result
-            since = lap(f"{name}_{dims}", since)
-    metrics["trajectory_2d"] = _traverse(output_dir, overwrite)
-    since = lap("trajectory_2d", since)
-    write_json(metrics, output_dir / "metrics.json", overwrite)
-    summary["outputs"] += ["samples_2d/", "samples_3d/", "samples_2d.png", "samples_3d.png"]
-    summary["outputs"] += [
-        "counterfactuals_2d/",
-        "counterfactuals_3d/",
-        "counterfactuals_2d.png",
-        "counterfactuals_3d.png",
-    ]
-    summary["outputs"] += ["grounding_2d/", "grounding_3d/", "grounding_2d.png", "grounding_3d.png"]
-    summary["outputs"] += ["trajectory_2d/", "trajectory_2d.png", "metrics.json"]
-    summary["sample_agreement"] = {dims: result["agreement"] for dims, result in generated.items()}
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    # each part with its bundle's config parsing, weight loading and figure; the interpreter's imports come before
-    summary["seconds_by_part"] = seconds
-    write_json(summary, output_dir / "summary.json", overwrite)
+    return {"shown_reports": {title: subject["report"] for title, subject in chest + brain}, "text_conditioning": text}
+
+
+def _samples_part(output_dir: Path, bundle_dir: Path, dims: str) -> dict[str, Any]:
+    result = _generate_samples(bundle_dir, dims, output_dir, overwrite=False)
+    plot_sample_grid(dims, result, len(SAMPLE_SEEDS), output_dir / f"samples_{dims}.png")
+    return {key: value for key, value in result.items() if key != "images"}
+
+
+def _explained_part(output_dir: Path, name: str, dims: str, seed: int) -> dict[str, Any]:
+    """The same abnormal phantoms explained twice: healthy counterfactuals (``name`` "counterfactuals"), then phrase
+    grounding ("grounding")."""
+    explain, draw = {
+        "counterfactuals": (_explain_phantoms, plot_counterfactual_rows),
+        "grounding": (_ground_phantoms, plot_grounding_panels),
+    }[name]
+    result = explain(dims, output_dir, False, seed + 1)
+    draw(dims, result, output_dir / f"{name}_{dims}.png")
+    for example in result["examples"]:
+        example.pop("arrays")  # drawn; not for metrics.json
+    return result
+
+
+def _run_part(part: str, function: Callable[..., Any], args: tuple, threads: int | None) -> tuple[str, Any, float]:
+    """One part of the main job, timed; ``threads``: the torch threads of a worker process (None: leave them)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = function(*args)
+    return part, result, round(time.perf_counter() - start, 2)
+
+
+def run_showcase(
+    output_dir: str | Path = "outputs/main",
+    num_subjects: int = 200,
+    seed: int = 0,
+    overwrite: bool = False,
+    bundle_dir: str | Path | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Write the phantom figures, NIfTI files, generated samples, ``summary.json`` and ``metrics.json`` into
+    ``output_dir`` (see the module doc). ``bundle_dir`` is the latent diffusion bundle with its weights.
+
+    The outputs are written into a temporary folder beside ``output_dir`` that replaces it only when every part has
+    succeeded (``overwrite`` replaces the whole folder; an existing empty folder is used as is). The parts are
+    independent and run in ``workers`` processes (default: 2, or 1 on a single core), each with its share of the
+    CPU threads: the networks are small, so two single-threaded processes use two cores better than one process
+    with two threads. ``workers=1`` runs them in this process, one after the other; the outputs are the same up to float
+    rounding (the thread count changes the order of sums).
+    """
+    start = time.perf_counter()
+    output_dir = Path(output_dir)
+    bundle_dir = default_bundle_dir() if bundle_dir is None else Path(bundle_dir)
+    cores = os.cpu_count() or 1
+    workers = min(2, cores) if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"`workers` must be a positive integer, got {workers!r}.")
+    if not isinstance(num_subjects, int) or num_subjects < 1:
+        raise ValueError(f"`num_subjects` must be a positive integer, got {num_subjects!r}.")
+    if not (bundle_dir / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"`bundle_dir` {str(bundle_dir)!r} is not a latent diffusion bundle: it has no "
+                                "configs/inference.json.")  # fmt: skip
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        overwrite = True  # an empty folder holds nothing to protect
+    with atomic_directory(output_dir, overwrite) as staging:
+        # longest first, so that two workers finish together (as measured on 2 cores)
+        jobs: list[tuple[str, Callable[..., Any], tuple]] = [
+            ("samples_2d", _samples_part, (staging, bundle_dir, "2d")),
+            ("samples_3d", _samples_part, (staging, bundle_dir, "3d")),
+            ("trajectory_2d", _traverse, (staging,)),
+            ("counterfactuals_2d", _explained_part, (staging, "counterfactuals", "2d", seed)),
+            ("counterfactuals_3d", _explained_part, (staging, "counterfactuals", "3d", seed)),
+            ("phantom statistics", _finding_statistics, (num_subjects, seed + 1000)),
+            ("grounding_2d", _explained_part, (staging, "grounding", "2d", seed)),
+            ("grounding_3d", _explained_part, (staging, "grounding", "3d", seed)),
+            ("phantom figures, nifti and text encoder", _phantom_part, (staging, seed)),
+        ]
+        if workers == 1:
+            done = [_run_part(part, function, args, None) for part, function, args in jobs]
+        else:
+            # fork: the workers start with this process's imports (spawn would repeat them, about 10 s each here)
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            threads = max(1, cores // workers)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_run_part, part, function, args, threads) for part, function, args in jobs]
+                try:
+                    done = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:  # a failed part fails the run: start nothing more
+                        future.cancel()
+                    raise
+        results = {part: result for part, result, _ in done}
+        metrics = {dims: results[f"samples_{dims}"] for dims in SAMPLE_PROMPTS}
+        for name in ("counterfactuals", "grounding"):
+            metrics.update({f"{name}_{dims}": results[f"{name}_{dims}"] for dims in COUNTERFACTUAL_EXAMPLES})
+        metrics["trajectory_2d"] = results["trajectory_2d"]
+        write_json(metrics, staging / "metrics.json")
+        summary = {
+            "outputs": ["phantoms_2d.png", "phantoms_3d.png", "nifti/", "summary.json"],
+            "phantoms": results["phantom statistics"],
+            **results["phantom figures, nifti and text encoder"],
+        }
+        summary["outputs"] += ["samples_2d/", "samples_3d/", "samples_2d.png", "samples_3d.png"]
+        summary["outputs"] += [
+            "counterfactuals_2d/",
+            "counterfactuals_3d/",
+            "counterfactuals_2d.png",
+            "counterfactuals_3d.png",
+        ]
+        summary["outputs"] += ["grounding_2d/", "grounding_3d/", "grounding_2d.png", "grounding_3d.png"]
+        summary["outputs"] += ["trajectory_2d/", "trajectory_2d.png", "metrics.json"]
+        summary["sample_agreement"] = {dims: metrics[dims]["agreement"] for dims in SAMPLE_PROMPTS}
+        summary["workers"] = workers
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        # each part with its bundle's config parsing, weight loading and figure, in the order they were started; with
+        # two workers they overlap, so they add up to more than "seconds". The interpreter's imports come before.
+        summary["seconds_by_part"] = {part: seconds for part, _, seconds in done}
+        write_json(summary, staging / "summary.json")
     return summary
 
 
@@ -454,13 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/main")
     parser.add_argument("--num_subjects", type=int, default=200, help="subjects drawn for the statistics")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    parser.add_argument("--overwrite", action="store_true", help="replace the folder of an earlier run")
     parser.add_argument("--bundle_dir", default=None, help="latent diffusion bundle folder (default: this tree's)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for the parts (default: 2 on 2+ cores)")
     args = parser.parse_args(argv)
     try:
-        summary = run_showcase(args.output_dir, args.num_subjects, args.seed, args.overwrite, args.bundle_dir)
+        summary = run_showcase(
+            args.output_dir, args.num_subjects, args.seed, args.overwrite, args.bundle_dir, workers=args.workers
+        )
     except FileExistsError as error:
         print(f"error: {error} (use --overwrite or another --output_dir)", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:  # a bad argument, refused before anything is written
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output_dir}: {', '.join(summary['outputs'])} in {summary['seconds']} s")
     print("seconds by part: " + ", ".join(f"{part} {value}" for part, value in summary["seconds_by_part"].items()))

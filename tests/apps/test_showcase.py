@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import unittest
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 from monai.transforms import LoadImage
 from PIL import Image
 
+from monai_cfx.apps.bundle_config import default_bundle_dir
 from monai_cfx.apps.showcase import main, run_showcase
 
 
@@ -77,6 +79,21 @@ class TestShowcase(unittest.TestCase):
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)
+
+    def test_bad_arguments_and_a_failed_part_write_nothing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp, "main")
+            with self.assertRaisesRegex(ValueError, "num_subjects"):
+                run_showcase(out, num_subjects=0)
+            with self.assertRaisesRegex(FileNotFoundError, "missing_bundle"):
+                run_showcase(out, bundle_dir=Path(tmp, "missing_bundle"))
+            self.assertEqual(main(["--output_dir", str(out), "--bundle_dir", str(Path(tmp, "missing_bundle"))]), 2)
+            # a bundle without its weights: the first part fails, and the run leaves neither the output folder nor
+            # its staging folder
+            shutil.copytree(default_bundle_dir() / "configs", Path(tmp, "no_weights", "configs"))
+            with self.assertRaisesRegex(Exception, "scale_factor"):
+                run_showcase(out, num_subjects=5, bundle_dir=Path(tmp, "no_weights"), workers=1)
+            self.assertEqual(sorted(p.name for p in Path(tmp).iterdir()), ["no_weights"])
 
 
 if __name__ == "__main__":
