@@ -31,6 +31,7 @@ __all__ = [
     "load_datalist",
     "merge_rank_manifests",
     "prepare_scans",
+    "scan_names",
     "to_scan_grid",
     "validate_items",
 ]
@@ -194,12 +195,18 @@ def prepare_scans(
 
     prepared = _transform_all(items, preprocessing, image_key)
     _check_reconstructions([item[image_key] for item in prepared], autoencoder, max_reconstruction_mse)
-    names = [Path(str(item[image_key])).name.split(".")[0] for item in items]
-    if len(set(names)) < len(names):
-        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
+    names = scan_names(items, image_key)
     images = torch.stack([torch.as_tensor(item[image_key]).float() for item in prepared])
     affines = [np.asarray(item[scan_key].affine, dtype=float) for item in prepared]
     return {"images": images, "prepared": prepared, "names": names, "affines": affines}
+
+
+def scan_names(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
+    """The output names of a datalist's scans: each file's stem, or ``<index>_<stem>`` for all when two collide."""
+    names = [Path(str(item[image_key])).name.split(".")[0] for item in items]
+    if len(set(names)) < len(names):
+        names = [f"{index:03d}_{name}" for index, name in enumerate(names)]  # file stems must not collide
+    return names
 
 
 def to_scan_grid(output: Any, prepared: Mapping[str, Any], preprocessing: Any, image_key: str = "image") -> Any:

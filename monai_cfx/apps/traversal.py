@@ -13,7 +13,9 @@ and evaluate CFRT, the cosine curve and identity preservation over seeds (the co
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from monai_cfx.apps.bundle_io import to_scan_grid
 from monai_cfx.data import generate_phantom
@@ -40,6 +43,7 @@ from monai_cfx.visualize import plot_image_strip, plot_traversal_curves, save_tr
 
 __all__ = [
     "evaluate_traversal",
+    "merge_rank_traversals",
     "run_inference",
     "save_traversal",
     "traversal_inputs",
@@ -67,14 +71,20 @@ def traversal_inputs(
     preprocessing: Any,
     autoencoder: torch.nn.Module | None = None,
     max_reconstruction_mse: float | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """What the inference config traverses, checked before the diffusion model is loaded: the scans of ``datalist``
     brought to the model's input by ``preprocessing`` (:func:`~monai_cfx.transforms.scan_preprocessing`, through
     :func:`~monai_cfx.apps.bundle_io.prepare_scans`, with the out-of-distribution check when ``autoencoder`` and
     ``max_reconstruction_mse`` are given), or else ``seeds``.
 
+    With ``distributed`` (an initialised process group) this process keeps only its share, the items
+    ``rank, rank + world_size, ...``, and prepares only those scans; the names stay those of the whole run.
+
     Returns:
-        ``{"seeds": [...] or None, "scans": None or prepare_scans' {"images", "prepared", "names", "affines"}}``.
+        ``{"seeds": [...] or None, "scans": None or prepare_scans' {"images", "prepared", "names", "affines"},
+        "count": the whole run's number of items, "rank", "world_size"}``; a process whose share is empty gets
+        ``seeds`` ``[]`` or ``scans`` ``{"names": []}``.
 
     Raises:
         FileNotFoundError: when the datalist does not exist.
@@ -82,8 +92,10 @@ def traversal_inputs(
             cannot be used (the message names the file), or (without a datalist) ``seeds`` is empty or not a list
             of ints.
     """
-    from monai_cfx.apps.bundle_io import load_datalist, prepare_scans
+    from monai_cfx.apps.bundle_io import load_datalist, prepare_scans, scan_names
 
+    rank, world_size = _process_share(distributed)
+    shard = {"rank": rank, "world_size": world_size}
     if datalist is None:
         valid = isinstance(seeds, Sequence) and not isinstance(seeds, str) and len(seeds) > 0
         if not valid or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):  # type: ignore
@@ -91,9 +103,22 @@ def traversal_inputs(
         repeated = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})  # type: ignore[union-attr]
         if repeated:
             raise ValueError(f"`seeds` must not repeat a seed (each names its own outputs), got {repeated} twice.")
-        return {"seeds": [int(s) for s in seeds], "scans": None}  # type: ignore[union-attr]
+        seeds = [int(s) for s in seeds]  # type: ignore[union-attr]
+        return {"seeds": seeds[rank::world_size], "scans": None, "count": len(seeds), **shard}
     items = load_datalist(datalist, data_list_key, dataset_dir, path_keys=["image"])
-    return {"seeds": None, "scans": prepare_scans(items, preprocessing, autoencoder, max_reconstruction_mse)}
+    names, share = scan_names(items)[rank::world_size], items[rank::world_size]
+    scans = prepare_scans(share, preprocessing, autoencoder, max_reconstruction_mse) if share else {}
+    return {"seeds": None, "scans": {**scans, "names": names}, "count": len(items), **shard}
+
+
+def _process_share(distributed: bool) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in an initialised process group when ``distributed``, else (0, 1)."""
+    if not distributed:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("`distributed` runs need an initialised process group (torchrun and the config's "
+                           "initialize step, configs/multi_gpu_inference.json).")  # fmt: skip
+    return dist.get_rank(), dist.get_world_size()
 
 
 def run_inference(
@@ -119,21 +144,96 @@ def run_inference(
 ) -> dict[str, Any]:
     """The inference config's job: traverse the scans of ``inputs`` (:func:`traversal_inputs`) with ``scan_inferer``,
     or else its seeds with ``inferer``, and write the outputs with :func:`save_traversal` (the scans' NIfTI outputs
-    back on each scan's own grid through ``preprocessing``'s inverse)."""
+    back on each scan's own grid through ``preprocessing``'s inverse).
+
+    With ``inputs`` of a distributed run (``world_size`` > 1), every process traverses its share and writes it into
+    its own folder under ``.<output_dir name>.ranks`` beside ``output_dir``; when all have finished, rank 0 merges
+    them into ``output_dir`` (:func:`merge_rank_traversals`), so that it holds what one process writes. Returns the
+    record of ``traversal.json`` (``None`` on the other ranks of a distributed run).
+    """
     scans, seeds = inputs["scans"], inputs["seeds"]
-    if scans is not None:
+    rank, world_size = inputs.get("rank", 0), inputs.get("world_size", 1)
+    output_dir = Path(output_dir)
+    staging = output_dir.parent / f".{output_dir.name}.ranks"
+    if world_size > 1:
+        dist.barrier()  # every process has checked its scans: a refused one stops the run before anything is written
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+            staging.mkdir(parents=True)
+        dist.barrier()
+    run = None
+    if scans is not None and scans["names"]:
         run = traverse(scan_inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
                        images=scans["images"], batch_size=batch_size, device=device)  # fmt: skip
         names, affines = scans["names"], scans["affines"]
         scan_grids = scans.get("prepared")
-    else:
+    elif seeds:
         run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
                        seeds=seeds, latent_shape=latent_shape, batch_size=batch_size, device=device)  # fmt: skip
         names, affines = [f"seed_{int(seed)}" for seed in seeds], [affine] * len(seeds)
         scan_grids = None
-    return save_traversal(run, output_dir, names, affines, settings, oracle=oracle, label_names=label_names,
-                          device=device, overwrite=overwrite, scan_grids=scan_grids,
-                          preprocessing=preprocessing)  # fmt: skip
+    if world_size == 1:
+        return save_traversal(run, output_dir, names, affines, settings, oracle=oracle, label_names=label_names,
+                              device=device, overwrite=overwrite, scan_grids=scan_grids,
+                              preprocessing=preprocessing)  # fmt: skip
+    if run is not None:  # a process without a share (more processes than items) writes nothing
+        save_traversal(run, staging / f"rank_{rank}", names, affines, settings, oracle=oracle,
+                       label_names=label_names, device=device, scan_grids=scan_grids,
+                       preprocessing=preprocessing)  # fmt: skip
+    dist.barrier()
+    manifest = None
+    if rank == 0:
+        manifest = merge_rank_traversals(staging, output_dir, inputs["count"], world_size, overwrite=overwrite)
+    dist.barrier()
+    return manifest
+
+
+def merge_rank_traversals(
+    staging: str | os.PathLike, output_dir: str | os.PathLike, count: int, world_size: int, overwrite: bool = False
+) -> dict[str, Any]:
+    """Merge the per-process folders of a distributed traversal run (``staging/rank_<r>``, each written by
+    :func:`save_traversal` for the items ``r, r + world_size, ...`` of ``count``) into ``output_dir``, all together or
+    not at all: every file, and one ``traversal.json`` with the trajectories in the run's order and the network calls
+    of all processes. ``staging`` is removed afterwards.
+
+    Raises:
+        FileNotFoundError: when a process with a share left no ``traversal.json`` (it did not finish).
+        ValueError: when a process's record does not hold its share or its settings differ.
+    """
+    staging, count, world_size = Path(staging), int(count), int(world_size)
+    records: list[Any] = [None] * count
+    merged: dict[str, Any] | None = None
+    calls = 0
+    folders = []
+    for rank in range(world_size):
+        share = range(rank, count, world_size)
+        if not share:
+            continue
+        folder = staging / f"rank_{rank}"
+        if not (folder / "traversal.json").is_file():
+            raise FileNotFoundError(f"{str(folder / 'traversal.json')!r} is missing: process {rank} did not finish.")
+        manifest = json.loads((folder / "traversal.json").read_text())
+        if len(manifest["trajectories"]) != len(share):
+            raise ValueError(f"{str(folder / 'traversal.json')!r} holds {len(manifest['trajectories'])} trajectories, "
+                             f"expected process {rank}'s share of {len(share)}.")  # fmt: skip
+        if merged is not None and manifest["settings"] != merged["settings"]:
+            raise ValueError(f"{str(folder / 'traversal.json')!r} was written with other settings than rank 0's.")
+        merged = merged or manifest
+        for index, record in zip(share, manifest["trajectories"]):
+            records[index] = record
+        calls += manifest.get("num_model_calls") or 0
+        folders.append(folder)
+    if merged is None:
+        raise ValueError(f"a traversal run of {count} items has nothing to merge.")
+    merged = {**merged, "trajectories": records, "num_model_calls": calls}
+    with atomic_directory(output_dir, overwrite) as target:
+        for folder in folders:
+            for path in folder.iterdir():
+                if path.name != "traversal.json":
+                    os.replace(path, Path(target) / path.name)
+        write_json(merged, Path(target) / "traversal.json")
+    shutil.rmtree(staging)
+    return merged
 
 
 @torch.no_grad()
@@ -150,14 +250,19 @@ def traverse(
     latent_shape: Sequence[int] | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Trajectories from ``seeds`` (initial noise :func:`~monai_cfx.inferers.seeded_noise`, ``inferer.start ==
     "noise"``) or from ``images`` (``inferer.start == "image"``), in batches, decoded.
 
+    With ``distributed`` (an initialised process group), every process traverses the items ``rank, rank +
+    world_size, ...`` and the results are gathered, so that each process returns the whole run in its order.
+
     Returns:
         ``{"swap_steps", "initial_latent", "neutral_latent", "swap_latents", "frame_latents", "frames",
-        "swap_images", "num_model_calls"}``: latents as the inferer gives them (trajectories on dim 1 for swaps and
-        frames), images ``(K, N, C, *spatial)`` clipped to [0, 1], all on the CPU.
+        "swap_images", "num_model_calls", "num_batches"}``: latents as the inferer gives them (trajectories on dim 1
+        for swaps and frames), images ``(K, N, C, *spatial)`` clipped to [0, 1], all on the CPU; the network calls
+        (each on a batch) and the batches of all processes.
     """
     _check_prompts(neutral_prompt, target_prompt)
     if (seeds is None) == (images is None):
@@ -172,6 +277,18 @@ def traverse(
             raise ValueError("`seeds` must hold at least one seed.")
         if latent_shape is None:
             raise ValueError("traversals from noise need `latent_shape` (C, *spatial) of the initial latents.")
+    rank, world_size = _process_share(distributed)
+    if world_size > 1:
+        count = len(seeds) if seeds is not None else len(images)  # type: ignore[arg-type]
+        if count < world_size:
+            raise ValueError(f"a distributed traversal needs at least one item per process, got {count} items for "
+                             f"{world_size} processes.")  # fmt: skip
+        share = {"seeds": seeds[rank::world_size]} if seeds is not None else {"images": images[rank::world_size]}
+        run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, neutral_prompt, target_prompt,
+                       latent_shape=latent_shape, batch_size=batch_size, device=device, **share)  # fmt: skip
+        runs: list[Any] = [None] * world_size
+        dist.all_gather_object(runs, run)
+        return _interleave(runs, count)
     diffusion_model, autoencoder_model = diffusion_model.to(device).eval(), autoencoder_model.to(device).eval()
     contexts = [text_encoder([p]).to(device) for p in (neutral_prompt, target_prompt)]
     empty = text_encoder.null_context(1).to(device)
@@ -202,6 +319,26 @@ def traverse(
     out: dict[str, Any] = {key: torch.cat([v for v, _ in values], values[0][1]) for key, values in parts.items()}
     out["swap_steps"] = list(inferer.swap_steps)
     out["num_model_calls"] = calls
+    out["num_batches"] = -(-count // batch_size)
+    return out
+
+
+_TRAJECTORY_DIM = {"initial_latent": 0, "neutral_latent": 0, "swap_latents": 1, "frame_latents": 1, "frames": 1,
+                   "swap_images": 1}  # fmt: skip
+
+
+def _interleave(runs: Sequence[Mapping[str, Any]], count: int) -> dict[str, Any]:
+    """One run from the runs of ``world_size`` processes, process ``r`` having traversed items ``r, r + world_size,
+    ...`` of ``count``: the trajectories back in the items' order, the calls and batches summed."""
+    world_size = len(runs)
+    positions = [index for rank in range(world_size) for index in range(rank, count, world_size)]
+    order = torch.as_tensor(np.argsort(positions))
+    out: dict[str, Any] = {
+        key: torch.cat([run[key] for run in runs], dim).index_select(dim, order) for key, dim in _TRAJECTORY_DIM.items()
+    }
+    out["swap_steps"] = list(runs[0]["swap_steps"])
+    out["num_model_calls"] = sum(run["num_model_calls"] for run in runs)
+    out["num_batches"] = sum(run["num_batches"] for run in runs)
     return out
 
 
@@ -344,6 +481,7 @@ def evaluate_traversal(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     classifier: Any = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Measure traversals over ``num_seeds`` seeds for each attribute pair (arXiv 2503.23623 and beyond).
 
@@ -364,6 +502,9 @@ def evaluate_traversal(
 
     The attribute probabilities come from ``classifier`` when given (any callable ``images -> probabilities
     (B, A)`` in ``label_names`` order), else from the oracle; FID always uses the oracle's embeddings.
+
+    With ``distributed`` (an initialised process group) the processes share the traversals and gather them
+    (:func:`traverse`); every process then measures the whole run, and :func:`write_evaluation` writes on rank 0.
 
     Returns:
         ``{"num_seeds", "settings", "pairs": {name: {...}}}``.
@@ -397,7 +538,7 @@ def evaluate_traversal(
         start = time.perf_counter()
         run = traverse(inferer, diffusion_model, autoencoder_model, text_encoder, pair["neutral_prompt"],
                        pair["target_prompt"], seeds=seeds, latent_shape=latent_shape, batch_size=batch_size,
-                       device=device)  # fmt: skip
+                       device=device, distributed=distributed)  # fmt: skip
         seconds = time.perf_counter() - start
         swap_steps = run["swap_steps"]
         frames = run["frames"]  # (F, N, C, ...)
@@ -438,7 +579,7 @@ def evaluate_traversal(
             "identity_l1": [float(v) for v in identity["l1"].mean(1)],
             "identity_ssim_window": float(identity["ssim"][window].mean()),
             "identity_l1_window": float(identity["l1"][window].mean()),
-            "model_calls_per_trajectory": run["num_model_calls"] / max(1, -(-num_seeds // batch_size)),
+            "model_calls_per_trajectory": run["num_model_calls"] / run["num_batches"],
             "seconds": seconds,
         }
         if scan_inferer is not None and num_scans > 0:
@@ -453,7 +594,7 @@ def evaluate_traversal(
             )
             scan_run = traverse(scan_inferer, diffusion_model, autoencoder_model, text_encoder,
                                 pair["neutral_prompt"], pair["target_prompt"], images=scans, batch_size=batch_size,
-                                device=device)  # fmt: skip
+                                device=device, distributed=distributed)  # fmt: skip
             latest = scan_run["swap_images"][0]
             ssim = compute_identity_preservation(latest[None], scans)["ssim"][0]
             # the autoencoder's own round trip bounds how close any decoded latent can come to the input
@@ -490,8 +631,13 @@ def evaluate_traversal(
     }
 
 
-def write_evaluation(metrics: Mapping[str, Any], output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """``metrics.json`` and ``traversal_curves.png`` of :func:`evaluate_traversal`, together or not at all."""
+def write_evaluation(
+    metrics: Mapping[str, Any], output_dir: str | os.PathLike, overwrite: bool = False, distributed: bool = False
+) -> None:
+    """``metrics.json`` and ``traversal_curves.png`` of :func:`evaluate_traversal`, together or not at all; with
+    ``distributed``, by rank 0 alone (every process holds the same metrics)."""
+    if _process_share(distributed)[0] != 0:
+        return
     with atomic_directory(output_dir, overwrite) as folder:
         plot_traversal_curves(metrics, Path(folder) / "traversal_curves.png")
         write_json(dict(metrics), Path(folder) / "metrics.json")

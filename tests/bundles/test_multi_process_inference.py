@@ -91,6 +91,51 @@ class TestMultiProcessInference(TempFolderCase):
         actual = json.loads((two / "metrics.json").read_text())
         compare(self, actual, expected)  # settings, every metric and the per-image values in datalist order
 
+    def test_traversal_two_processes_write_what_one_does(self):
+        """Scans shared between two processes (2 and 1), each written into its own folder and merged by rank 0."""
+        bundle = BUNDLES / "trajectory_traversal"
+        common = ["--datalist", str(self.data / "datalist.json"), "--dataset_dir", str(self.data), "--batch_size", "1"]
+        common += TRAVERSAL_FAST
+        one, two = self.tmp / "traversal_one", self.tmp / "traversal_two"
+        check_ok(self, run_relocated(bundle, ["inference.json"], *common, "--output_dir", str(one), cwd=self.tmp))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        result = run_relocated(bundle, ["inference.json", "multi_gpu_inference.json"], *common,
+                               "--output_dir", str(two), cwd=self.tmp, launcher=launcher)  # fmt: skip
+        check_ok(self, result)
+        self.assertEqual(sorted(p.name for p in two.iterdir()), sorted(p.name for p in one.iterdir()))
+        self.assertEqual(sorted(p.name for p in self.tmp.iterdir() if p.name.startswith(".traversal")), [])
+        expected = json.loads((one / "traversal.json").read_text())
+        actual = json.loads((two / "traversal.json").read_text())
+        self.assertEqual([t["name"] for t in expected["trajectories"]], ["case_0", "case_1", "case_2"])
+        compare(self, actual, expected, "traversal")  # names, files, calls and probabilities in the run's order
+        for record in expected["trajectories"]:
+            for key in ("frames", "swaps"):
+                expected_image = nib.load(one / record["files"][key])
+                actual_image = nib.load(two / record["files"][key])
+                np.testing.assert_allclose(actual_image.affine, expected_image.affine)
+                np.testing.assert_allclose(actual_image.get_fdata(), expected_image.get_fdata(), atol=1e-4)
+
+    def test_traversal_two_process_evaluation_gathers_the_same_metrics(self):
+        bundle = BUNDLES / "trajectory_traversal"
+        configs = ["inference.json", "evaluate.json"]
+        common = [*TRAVERSAL_FAST, "--num_seeds", "4", "--num_scans", "2", "--num_reference_images", "4"]
+        common += ["--bezier_window", "[3, 6]", "--swap_window", "[2, 5]", "--batch_size", "2"]
+        one, two = self.tmp / "traversal_evaluate_one", self.tmp / "traversal_evaluate_two"
+        check_ok(self, run_relocated(bundle, configs, *common, "--output_dir", str(one), cwd=self.tmp))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        result = run_relocated(bundle, [*configs, "multi_gpu_inference.json"], *common,
+                               "--output_dir", str(two), cwd=self.tmp, launcher=launcher)  # fmt: skip
+        check_ok(self, result)
+        self.assertEqual(sorted(p.name for p in two.iterdir()), ["metrics.json", "traversal_curves.png"])
+        expected = json.loads((one / "metrics.json").read_text())
+        actual = json.loads((two / "metrics.json").read_text())
+        for pair in (*expected["pairs"].values(), *actual["pairs"].values()):
+            pair.pop("seconds")  # wall time
+        compare(self, actual, expected)
+
+
+TRAVERSAL_FAST = ["--num_inference_steps", "10", "--swap_steps", "[2, 5, 8]", "--num_frames", "6"]
+
 
 def compare(test, actual, expected, path="metrics"):
     """Nested metrics equal within float rounding (gathered items are averaged in another order)."""
