@@ -170,9 +170,12 @@ def labelled_batch_sampler(
     batch_size: int,
     labelled_batch_fraction: float = 0.25,
     seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> LabelledBatchSampler:
     """A :class:`~monai_cfx.engines.LabelledBatchSampler` of ``batch_size`` items, ``labelled_batch_fraction`` of
-    them labelled (rounded, at least 1); every item labelled when there is no unlabelled index (fraction 1).
+    them labelled (rounded, at least 1); every item labelled when there is no unlabelled index (fraction 1). With
+    ``num_replicas`` processes, ``rank`` keeps its share of each epoch's batches (``batch_size`` is per process).
 
     Raises:
         ValueError: for a ``batch_size`` below 2 with unlabelled items, or a ``labelled_batch_fraction`` outside
@@ -181,7 +184,7 @@ def labelled_batch_sampler(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
     if not unlabelled_indices:
-        return LabelledBatchSampler(labelled_indices, [], batch_size, 0, seed=seed)
+        return LabelledBatchSampler(labelled_indices, [], batch_size, 0, seed, num_replicas, rank)
     valid = isinstance(labelled_batch_fraction, Real) and not isinstance(labelled_batch_fraction, bool)
     if not valid or not 0.0 < labelled_batch_fraction < 1.0:
         raise ValueError(f"`labelled_batch_fraction` must be in (0, 1), got {labelled_batch_fraction!r}.")
@@ -189,7 +192,7 @@ def labelled_batch_sampler(
         raise ValueError(f"`batch_size` must be >= 2 to hold labelled and unlabelled items, got {batch_size}.")
     labelled = min(batch_size - 1, max(1, round(labelled_batch_fraction * batch_size)))
     unlabelled = min(batch_size - labelled, len(unlabelled_indices))
-    return LabelledBatchSampler(labelled_indices, unlabelled_indices, labelled, unlabelled, seed=seed)
+    return LabelledBatchSampler(labelled_indices, unlabelled_indices, labelled, unlabelled, seed, num_replicas, rank)
 
 
 def diffmatch_parts(

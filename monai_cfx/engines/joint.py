@@ -261,8 +261,9 @@ class LabelledBatchSampler(Sampler[list[int]]):
 
     The order of epoch ``e`` depends only on ``seed + e``, as in ``torch.utils.data.DistributedSampler``:
     :meth:`set_epoch` chooses ``e``; each new iteration otherwise moves on to the next epoch, so a sampler that
-    nobody calls ``set_epoch`` on still reshuffles. Every index goes to every process: for multi-GPU training, give
-    each rank its own share of both index lists.
+    nobody calls ``set_epoch`` on still reshuffles. In a distributed run (``num_replicas`` > 1) every process draws
+    the same batches of the epoch and keeps those of its ``rank`` (``rank, rank + num_replicas, ...``), the same
+    number in every process: the processes see different items at each step.
 
     Args:
         labelled_indices: dataset indices of labelled items (:func:`labelled_split`).
@@ -270,10 +271,13 @@ class LabelledBatchSampler(Sampler[list[int]]):
         labelled_per_batch: labelled items per batch, >= 1.
         unlabelled_per_batch: unlabelled items per batch, >= 0.
         seed: base seed of the orders.
+        num_replicas: processes sharing the batches (1: this one takes them all).
+        rank: this process's rank among them.
 
     Raises:
-        ValueError: for counts that are not ints, an index in both lists, no labelled index, or fewer unlabelled
-            indices than ``unlabelled_per_batch``.
+        ValueError: for counts that are not ints, an index in both lists, no labelled index, fewer unlabelled
+            indices than ``unlabelled_per_batch``, a ``rank`` outside ``[0, num_replicas)``, or fewer batches in an
+            epoch than processes.
 
     Example::
 
@@ -289,7 +293,13 @@ class LabelledBatchSampler(Sampler[list[int]]):
         labelled_per_batch: int,
         unlabelled_per_batch: int,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        self.num_replicas = _check_int("num_replicas", num_replicas, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.num_replicas:
+            raise ValueError(f"`rank` must be below `num_replicas` ({self.num_replicas}), got {self.rank}.")
         self.labelled_per_batch = _check_int("labelled_per_batch", labelled_per_batch, 1)
         self.unlabelled_per_batch = _check_int("unlabelled_per_batch", unlabelled_per_batch, 0)
         self.labelled_indices = [int(i) for i in labelled_indices]
@@ -306,20 +316,28 @@ class LabelledBatchSampler(Sampler[list[int]]):
             )
         self.seed = int(seed)
         self.epoch = 0
+        if self.num_replicas > 1 and len(self) == 0:
+            raise ValueError(f"an epoch of {self._num_batches()} batches cannot be shared by {self.num_replicas} "
+                             "processes: give fewer processes or smaller batches.")  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` for the next iteration."""
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
+    def _num_batches(self) -> int:
+        """The batches of an epoch, over all processes."""
         if self.unlabelled_per_batch == 0:
             return len(self.labelled_indices) // self.labelled_per_batch
         return len(self.unlabelled_indices) // self.unlabelled_per_batch
 
+    def __len__(self) -> int:
+        return self._num_batches() // self.num_replicas
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        num_batches = len(self)
+        num_batches = self._num_batches()
+        kept = set(range(self.rank, len(self) * self.num_replicas, self.num_replicas))
         unlabelled = [
             self.unlabelled_indices[i] for i in torch.randperm(len(self.unlabelled_indices), generator=generator)
         ]
@@ -329,6 +347,8 @@ class LabelledBatchSampler(Sampler[list[int]]):
             order = torch.randperm(len(self.labelled_indices), generator=generator).tolist()
             labelled.extend(self.labelled_indices[i] for i in order)
         for batch in range(num_batches):
+            if batch not in kept:
+                continue
             lab = labelled[batch * self.labelled_per_batch : (batch + 1) * self.labelled_per_batch]
             unl = unlabelled[batch * self.unlabelled_per_batch : (batch + 1) * self.unlabelled_per_batch]
             yield lab + unl

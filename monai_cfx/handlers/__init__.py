@@ -9,11 +9,12 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Ignite handlers for MONAI engines: counterfactual and grounding savers and metrics, feature distances, and the
-resumable training state."""
+resumable training state, and the gradient averaging of data-parallel training."""
 
 from __future__ import annotations
 
 from .counterfactual import CounterfactualMetricsHandler, CounterfactualSaver, iterate_items
+from .distributed import GradientAllReduce
 from .feature_distance import FeatureDistanceHandler
 from .grounding import GroundingMetricsHandler, GroundingSaver
 from .training_state import BestMetricState, ParamSchedulerState, SeededRunHandler, TrainingStateHandler
@@ -23,6 +24,7 @@ __all__ = [
     "CounterfactualMetricsHandler",
     "CounterfactualSaver",
     "FeatureDistanceHandler",
+    "GradientAllReduce",
     "GroundingMetricsHandler",
     "GroundingSaver",
     "ParamSchedulerState",

@@ -131,6 +131,22 @@ class TestLabelledBatchSampler(unittest.TestCase):
         labelled_seen = [i for batch in batches for i in batch if i < 5]
         self.assertEqual(sorted(labelled_seen[:5]), self.labelled)  # cycled: a full permutation first
 
+    def test_processes_share_each_epochs_batches(self):
+        whole = LabelledBatchSampler(self.labelled, self.unlabelled, 2, 6, seed=3)  # 35 // 6 = 5 batches
+        shares = [LabelledBatchSampler(self.labelled, self.unlabelled, 2, 6, seed=3, num_replicas=2, rank=rank)
+                  for rank in (0, 1)]  # fmt: skip
+        for epoch in (0, 1):
+            for sampler in (whole, *shares):
+                sampler.set_epoch(epoch)
+            batches, parts = list(whole), [list(share) for share in shares]
+            self.assertEqual([len(share) for share in shares], [2, 2])  # as many steps in every process
+            self.assertEqual(parts[0], batches[0:4:2])  # rank r: batches r, r + 2, ... of the same epoch
+            self.assertEqual(parts[1], batches[1:4:2])
+        with self.assertRaisesRegex(ValueError, "`rank` must be below"):
+            LabelledBatchSampler(self.labelled, self.unlabelled, 2, 6, num_replicas=2, rank=2)
+        with self.assertRaisesRegex(ValueError, "cannot be shared by 8 processes"):
+            LabelledBatchSampler(self.labelled, self.unlabelled, 2, 6, num_replicas=8, rank=0)
+
     def test_determinism_and_epochs(self):
         def make():
             return LabelledBatchSampler(self.labelled, self.unlabelled, 2, 6, seed=7)
