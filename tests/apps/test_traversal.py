@@ -22,7 +22,13 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from monai_cfx.apps.bundle_io import to_scan_grid
-from monai_cfx.apps.traversal import evaluate_traversal, save_traversal, traversal_inputs, traverse
+from monai_cfx.apps.traversal import (
+    evaluate_traversal,
+    merge_rank_traversals,
+    save_traversal,
+    traversal_inputs,
+    traverse,
+)
 from monai_cfx.inferers import TrajectoryTraversalInferer
 from monai_cfx.transforms import scan_preprocessing
 from monai_cfx.utils import write_nifti
@@ -111,6 +117,39 @@ class TestTraverse(unittest.TestCase):
             with self.assertRaises(FileExistsError):
                 save_traversal(run, out, ["a", "b"], [np.eye(4)] * 2, {})
             self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["run"])
+
+    def test_rank_folders_merge_in_the_runs_order(self):
+        run = traverse(inferer(), self.unet, self.autoencoder, self.text_encoder, "normal", "effusion",
+                       seeds=[1, 2, 3], latent_shape=(2, 8, 8))  # fmt: skip
+        settings = {"neutral_prompt": "normal"}
+        with tempfile.TemporaryDirectory() as root:
+            staging, out = Path(root, ".run.ranks"), Path(root, "run")
+            one = save_traversal(run, Path(root, "one"), ["s1", "s2", "s3"], [np.eye(4)] * 3, settings)
+            # process 0 holds items 0 and 2, process 1 item 1 (as traversal_inputs shares them)
+            parts = {0: [0, 2], 1: [1]}
+            for rank, indices in parts.items():
+                share = {key: run[key][indices] if run[key].ndim == run["frames"].ndim - 1 else run[key][:, indices]
+                         for key in ("initial_latent", "neutral_latent", "swap_latents", "frame_latents", "frames",
+                                     "swap_images")}  # fmt: skip
+                share.update(swap_steps=run["swap_steps"], num_model_calls=run["num_model_calls"])
+                names = [f"s{i + 1}" for i in indices]
+                save_traversal(share, staging / f"rank_{rank}", names, [np.eye(4)] * len(indices), settings)
+            broken = Path(root, ".broken.ranks")
+            save_traversal(share, broken / "rank_1", ["s2"], [np.eye(4)], settings)
+            with self.assertRaisesRegex(FileNotFoundError, r"rank_0/traversal\.json.*process 0 did not finish"):
+                merge_rank_traversals(broken, out, 3, 2)
+            self.assertFalse(out.exists())
+            merged = merge_rank_traversals(staging, out, 3, 2)
+            self.assertEqual([t["name"] for t in merged["trajectories"]], ["s1", "s2", "s3"])
+            self.assertEqual([t["files"] for t in merged["trajectories"]], [t["files"] for t in one["trajectories"]])
+            self.assertEqual(sorted(p.name for p in out.iterdir()), sorted(p.name for p in Path(root, "one").iterdir()))
+            self.assertEqual(merged["num_model_calls"], 2 * run["num_model_calls"])  # both processes' calls
+            self.assertFalse(staging.exists())
+            before = sorted(p.name for p in out.iterdir())
+            save_traversal(share, staging / "rank_0", ["s2"], [np.eye(4)], settings)
+            with self.assertRaises(FileExistsError):  # an existing output folder is kept unless overwrite
+                merge_rank_traversals(staging, out, 1, 1)
+            self.assertEqual(sorted(p.name for p in out.iterdir()), before)
 
 
 class TestEvaluate(unittest.TestCase):
