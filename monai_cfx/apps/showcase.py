@@ -33,7 +33,10 @@ It writes, into ``output_dir``:
   probability of the target finding;
 - ``trajectory_2d/`` and ``trajectory_2d.png``: a language-guided trajectory from the trajectory traversal
   bundle, a normal chest radiograph progressively with an effusion (the λ sweep of prompt swaps and the Bézier
-  frames, with the classifier's probability of the effusion on each; NIfTI, PNG strips, a GIF and the latents).
+  frames, with the classifier's probability of the effusion on each; NIfTI, PNG strips, a GIF and the latents);
+- ``mediffusion_2d/`` and ``mediffusion_2d.png``: the Mediffusion bundle's joint network explains its own prediction
+  on the same abnormal chest phantoms: its head's probabilities, the counterfactual its classifier guidance gives
+  when it removes the predicted findings, the difference map, and the true difference to the healthy twin.
 
 Example::
 
@@ -207,6 +210,76 @@ def _explain_phantoms(dims: str, output_dir: Path, overwrite: bool, seed: int = 
         k: parser.get_parsed_content(k) for k in ("start", "noise_strength", "num_inference_steps", "guided_steps")
     }
     return {"examples": examples, "prompt": prompt, "seconds": round(time.perf_counter() - start, 2), **settings}
+
+
+def _explain_with_joint_model(output_dir: Path, seed: int) -> dict[str, Any]:
+    """Mediffusion's explanations of the 2D abnormal phantoms of ``COUNTERFACTUAL_EXAMPLES`` (seed ``seed + 1``): the
+    shipped joint network's head predicts the findings and its classifier guidance removes them, with the
+    Mediffusion bundle's inference settings and writer (``explain_predictions``); drawn beside the true difference
+    to each phantom's healthy twin."""
+    import nibabel as nib
+    import torch
+
+    from monai_cfx.apps.mediffusion import explain_predictions
+    from monai_cfx.metrics import compute_localization_auroc
+    from monai_cfx.transforms import DifferenceMap
+
+    parser = load_bundle_config(default_bundle_dir("mediffusion"), ["configs/inference.json"],
+                                device=torch.device("cpu"))  # fmt: skip
+    get = parser.get_parsed_content
+    kind, size, label_names = get("kind"), get("image_size"), list(get("label_names"))
+    titles = [title for title, _ in COUNTERFACTUAL_EXAMPLES["2d"]]
+    subjects = [generate_phantom(kind, seed + 1, size, findings=f) for _, f in COUNTERFACTUAL_EXAMPLES["2d"]]
+    inputs = {
+        "images": torch.stack([torch.from_numpy(subject["image"]) for subject in subjects]).float(),
+        "affines": [subject["affine"] for subject in subjects],
+        "names": [f"{kind}_{title.replace(' ', '_')}" for title in titles],
+        "labels": torch.stack([torch.as_tensor(subject["labels"]) for subject in subjects]).float(),
+    }
+    start = time.perf_counter()
+    folder = output_dir / "mediffusion_2d"
+    manifest = explain_predictions(
+        get("counterfactual_inferer"), get("network"), get("autoencoder"), get("text_encoder"), inputs, folder,
+        scale_factor=get("scale_factor"), label_names=label_names, guidance_scale=get("guidance_scale"),
+        prompt=get("prompt"), decision_threshold=get("decision_threshold"), through_denoiser=get("through_denoiser"),
+        difference=get("difference_map"), settings=get("settings"), batch_size=get("batch_size"),
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    localisation = DifferenceMap(mode="absolute", sigma=1.5)  # as evaluate_counterfactual.json measures it
+    examples = []
+    for title, subject, record in zip(titles, subjects, manifest["items"]):
+        image = subject["image"][0]
+        edited = np.asarray(nib.load(folder / record["files"]["counterfactual"]).dataobj, dtype=np.float32)
+        edited = edited.reshape(image.shape)
+        present = [name for name, value in record["labels"].items() if value > 0.5]
+        difference = localisation(torch.from_numpy(image)[None], torch.from_numpy(edited)[None])
+        auroc = compute_localization_auroc(difference[None], torch.from_numpy(subject["mask"])[None])
+        before, after = record["probabilities_before"], record["probabilities_after"]
+        examples.append(
+            {
+                "title": title,
+                "report": subject["report"],
+                "removed": record["removed"],
+                "finding_probability_before": {name: round(before[name], 4) for name in present},
+                "finding_probability_after": {name: round(after[name], 4) for name in present},
+                "localization_auroc": round(float(auroc[0]), 4),
+                "arrays": (image, np.clip(edited, 0, 1), difference.numpy()[0], image - subject["healthy"][0]),
+            }
+        )
+    settings = {key: get(key) for key in ("start", "noise_strength", "num_inference_steps", "guidance_scale")}
+    result = {"examples": examples, "model": Path(get("load_joint_path")).name, "seconds": round(seconds, 2)}
+    result.update(settings)
+    figure = {
+        "judge": "joint head",
+        "counterfactual_title": f"head-guided removal (scale {settings['guidance_scale']})",
+        "figure_title": "Mediffusion: the joint network explains its own prediction",
+    }
+    # a row whose finding the head does not see shows the inversion's reconstruction: say so beside it
+    rows = [{**e, "title": e["title"] + ("" if e["removed"] else "\n(not seen: nothing removed)")} for e in examples]
+    plot_counterfactual_rows("2d", {**result, **figure, "examples": rows}, output_dir / "mediffusion_2d.png")
+    for example in examples:
+        example.pop("arrays")  # drawn; not for metrics.json
+    return result
 
 
 TRAJECTORY_SEEDS = (5,)
@@ -449,6 +522,7 @@ def run_showcase(
             ("phantom statistics", _finding_statistics, (num_subjects, seed + 1000)),
             ("grounding_2d", _explained_part, (staging, "grounding", "2d", seed)),
             ("grounding_3d", _explained_part, (staging, "grounding", "3d", seed)),
+            ("mediffusion_2d", _explain_with_joint_model, (staging, seed)),
             ("phantom figures, nifti and text encoder", _phantom_part, (staging, seed)),
         ]
         if workers == 1:
@@ -471,6 +545,7 @@ def run_showcase(
         for name in ("counterfactuals", "grounding"):
             metrics.update({f"{name}_{dims}": results[f"{name}_{dims}"] for dims in COUNTERFACTUAL_EXAMPLES})
         metrics["trajectory_2d"] = results["trajectory_2d"]
+        metrics["mediffusion_2d"] = results["mediffusion_2d"]
         write_json(metrics, staging / "metrics.json")
         summary = {
             "outputs": ["phantoms_2d.png", "phantoms_3d.png", "nifti/", "summary.json"],
@@ -485,7 +560,8 @@ def run_showcase(
             "counterfactuals_3d.png",
         ]
         summary["outputs"] += ["grounding_2d/", "grounding_3d/", "grounding_2d.png", "grounding_3d.png"]
-        summary["outputs"] += ["trajectory_2d/", "trajectory_2d.png", "metrics.json"]
+        summary["outputs"] += ["trajectory_2d/", "trajectory_2d.png", "mediffusion_2d/", "mediffusion_2d.png"]
+        summary["outputs"] += ["metrics.json"]
         summary["sample_agreement"] = {dims: metrics[dims]["agreement"] for dims in SAMPLE_PROMPTS}
         summary["workers"] = workers
         summary["seconds"] = round(time.perf_counter() - start, 2)

@@ -172,7 +172,8 @@ def plot_counterfactual_rows(
         dims: ``"2d"`` or ``"3d"`` (3D: the axial slice where the true difference is largest).
         result: ``{"examples", "prompt", "start", "noise_strength"}``; each example holds ``title``, ``arrays``
             (image, counterfactual, difference map, true difference), ``finding_probability_before`` /
-            ``_after`` and ``localization_auroc``.
+            ``_after`` and ``localization_auroc``. Optional: ``"figure_title"``, ``"counterfactual_title"`` and
+            ``"judge"`` (whose probabilities those are; default ``"oracle"``).
         path: the PNG to write (atomically).
         overwrite: replace an existing file.
     """
@@ -183,8 +184,10 @@ def plot_counterfactual_rows(
 
     examples = result["examples"]
     fig, axes = plt.subplots(len(examples), 4, figsize=(9.2, 2.45 * len(examples)), squeeze=False)
-    titles = ["image", f"counterfactual ({result['start']} {result['noise_strength']})", "difference map",
-              "true difference (image − twin)"]  # fmt: skip
+    counterfactual_title = result.get("counterfactual_title")
+    if counterfactual_title is None:
+        counterfactual_title = f"counterfactual ({result['start']} {result['noise_strength']})"
+    titles = ["image", counterfactual_title, "difference map", "true difference (image − twin)"]
     for row, example in enumerate(examples):
         arrays = example["arrays"]
         if dims == "3d":  # the axial slice where the finding is largest
@@ -205,9 +208,9 @@ def plot_counterfactual_rows(
         before = max(example["finding_probability_before"].values())
         after = max(example["finding_probability_after"].values())
         axes[row, 0].set_ylabel(example["title"], fontsize=8)
-        axes[row, 1].set_xlabel(f"oracle p(finding) {before:.2f} → {after:.2f}", fontsize=7)
+        axes[row, 1].set_xlabel(f"{result.get('judge', 'oracle')} p(finding) {before:.2f} → {after:.2f}", fontsize=7)
         axes[row, 2].set_xlabel(f"localisation AUROC {example['localization_auroc']:.2f}", fontsize=7)
-    fig.suptitle(f'Healthy counterfactuals: "{result["prompt"]}"', fontsize=9)
+    fig.suptitle(result.get("figure_title") or f'Healthy counterfactuals: "{result["prompt"]}"', fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, overwrite, dpi=100)
 

@@ -35,7 +35,7 @@ class TestShowcase(unittest.TestCase):
             # samples from the shipped weights, their panel and the oracle's verdicts
             metrics = json.loads(Path(out, "metrics.json").read_text())
             expected = {"2d", "3d", "counterfactuals_2d", "counterfactuals_3d", "grounding_2d", "grounding_3d"}
-            expected.add("trajectory_2d")
+            expected.update({"trajectory_2d", "mediffusion_2d"})
             self.assertEqual(set(metrics), expected)
             for dims in ("2d", "3d"):
                 result = metrics[dims]
@@ -76,6 +76,17 @@ class TestShowcase(unittest.TestCase):
             self.assertTrue(Path(out, "trajectory_2d", saved["trajectories"][0]["files"]["gif"]).is_file())
             with Image.open(Path(out, "trajectory_2d.png")) as figure:
                 self.assertGreater(min(figure.size), 250)
+            # the shipped joint network explains its own prediction: what its head saw, its guidance removed
+            joint = metrics["mediffusion_2d"]
+            saved = json.loads(Path(out, "mediffusion_2d", "explanations.json").read_text())
+            self.assertEqual([e["removed"] for e in joint["examples"]], [r["removed"] for r in saved["items"]])
+            removed = [e for e in joint["examples"] if e["removed"]]
+            self.assertGreaterEqual(len(removed), 2)  # at least effusion and cardiomegaly, which the head sees
+            for example in removed:
+                for finding in set(example["removed"]) & set(example["finding_probability_after"]):
+                    self.assertLess(example["finding_probability_after"][finding], 0.5, example["title"])
+            with Image.open(Path(out, "mediffusion_2d.png")) as figure:
+                self.assertGreater(min(figure.size), 300)
             # a second run refuses to replace the outputs unless asked
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5"]), 2)
             self.assertEqual(main(["--output_dir", out, "--num_subjects", "5", "--overwrite"]), 0)

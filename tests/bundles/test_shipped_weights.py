@@ -1,10 +1,14 @@
 """The weights shipped in bundles/latent_diffusion/models load, make images the oracle agrees with where
-the generator is reported to work (docs/README.md), and the oracles separate unseen phantoms."""
+the generator is reported to work (docs/README.md), and the oracles separate unseen phantoms; the Mediffusion
+bundle's joint network classifies unseen phantoms as its docs report and its explanations remove what it sees."""
 
 from __future__ import annotations
 
+import tempfile
 import unittest
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics.rocauc import compute_roc_auc
@@ -65,6 +69,48 @@ class TestShippedWeights(unittest.TestCase):
         aurocs = np.atleast_1d(compute_roc_auc(probabilities, labels, average="none"))
         names = parser.get_parsed_content("label_names")
         self.assertTrue((aurocs >= MIN_AUROC[dims]).all(), msg=dict(zip(names, aurocs)))
+
+
+# bundles/mediffusion/docs/README.md reports the shipped joint head's testing AUROC per finding; these floors sit
+# below those figures on other unseen phantoms, and the findings it misses (nodule) are reported there, not here
+# (docs: opacity 0.71, effusion 0.96, cardiomegaly 1.00 on these seeds; the head misses nodules, 0.43)
+JOINT_FLOORS = {"opacity": 0.6, "effusion": 0.9, "cardiomegaly": 0.95}
+
+
+class TestShippedJointNetwork(unittest.TestCase):
+    def test_head_on_unseen_phantoms_and_its_explanations(self):
+        from monai_cfx.apps.mediffusion import explain_predictions, head_probabilities
+
+        parser = load_bundle_config(default_bundle_dir("mediffusion"), ["configs/inference.json"], device="cpu")
+        get = parser.get_parsed_content
+        network, autoencoder, text_encoder = get("network"), get("autoencoder"), get("text_encoder")
+        names = list(get("label_names"))
+        data = PhantomDataset("chest", 200, seed=500_000, size=64)  # seeds far beyond the training range
+        images = torch.stack([torch.as_tensor(item["image"]) for item in data]).float()
+        labels = torch.stack([item["label"] for item in data]).float()
+        empty = text_encoder.null_context(1)
+        probabilities = head_probabilities(network, autoencoder, images, get("scale_factor"), empty)
+        aurocs = dict(zip(names, np.atleast_1d(compute_roc_auc(probabilities, labels, average="none"))))
+        for name, floor in JOINT_FLOORS.items():
+            self.assertGreaterEqual(aurocs[name], floor, msg=aurocs)
+        # explain the enlarged hearts the head sees: its own guidance removes them, and the oracle agrees
+        finding = names.index("cardiomegaly")
+        seen = torch.nonzero((labels[:, finding] > 0) & (probabilities[:, finding] > 0.5))[:4, 0]
+        self.assertEqual(len(seen), 4)
+        inputs = {"images": images[seen], "affines": [np.eye(4)] * 4, "names": [f"case_{i}" for i in range(4)]}
+        with tempfile.TemporaryDirectory() as out:
+            manifest = explain_predictions(
+                get("counterfactual_inferer"), network, autoencoder, text_encoder, inputs, Path(out, "explain"),
+                scale_factor=get("scale_factor"), label_names=names, guidance_scale=get("guidance_scale"),
+            )  # fmt: skip
+            files = [Path(out, "explain", record["files"]["counterfactual"]) for record in manifest["items"]]
+            edited = torch.stack([torch.as_tensor(np.asarray(nib.load(f).dataobj, np.float32)) for f in files])
+        edited = edited.reshape(4, 1, 64, 64)
+        after = [record["probabilities_after"]["cardiomegaly"] for record in manifest["items"]]
+        oracle = load_bundle_config(default_bundle_dir(), ["configs/inference.json"], device="cpu")
+        oracle_after, _ = oracle_predict(oracle.get_parsed_content("load_oracle"), edited)
+        self.assertGreaterEqual(sum(p < 0.5 for p in after), 3, msg=after)  # the head no longer sees it
+        self.assertGreaterEqual(int((oracle_after[:, finding] < 0.5).sum()), 3, msg=oracle_after)
 
 
 if __name__ == "__main__":
