@@ -236,6 +236,11 @@ def merge_rank_traversals(
     return merged
 
 
+# the tensors of a traversal run and the dimension that indexes its trajectories
+_TRAJECTORY_DIM = {"initial_latent": 0, "neutral_latent": 0, "swap_latents": 1, "frame_latents": 1, "frames": 1,
+                   "swap_images": 1}  # fmt: skip
+
+
 @torch.no_grad()
 def traverse(
     inferer: TrajectoryTraversalInferer,
@@ -293,7 +298,7 @@ def traverse(
     contexts = [text_encoder([p]).to(device) for p in (neutral_prompt, target_prompt)]
     empty = text_encoder.null_context(1).to(device)
     count = len(seeds) if seeds is not None else len(images)  # type: ignore[arg-type]
-    parts: dict[str, list] = {}
+    parts: dict[str, list] = {key: [] for key in _TRAJECTORY_DIM}
     calls = 0
     for start in range(0, count, batch_size):
         if seeds is not None:
@@ -302,29 +307,21 @@ def traverse(
             inputs = images[start : start + batch_size].to(device)  # type: ignore[index]
         result = inferer(inputs, diffusion_model, autoencoder_model, *contexts, empty)
         calls += result.num_model_calls
-        decoded = {
+        batch = {
+            "initial_latent": result.initial_latent,
+            "neutral_latent": result.neutral_latent,
+            "swap_latents": result.swap_latents,
+            "frame_latents": result.frame_latents,
             "frames": inferer.decode(result.frame_latents, autoencoder_model).clamp(0, 1),
             "swap_images": inferer.decode(result.swap_latents, autoencoder_model).clamp(0, 1),
         }
-        tensors = {
-            "initial_latent": (result.initial_latent, 0),
-            "neutral_latent": (result.neutral_latent, 0),
-            "swap_latents": (result.swap_latents, 1),
-            "frame_latents": (result.frame_latents, 1),
-            "frames": (decoded["frames"], 1),
-            "swap_images": (decoded["swap_images"], 1),
-        }
-        for key, (value, dim) in tensors.items():
-            parts.setdefault(key, []).append((value.float().cpu(), dim))
-    out: dict[str, Any] = {key: torch.cat([v for v, _ in values], values[0][1]) for key, values in parts.items()}
+        for key, values in parts.items():
+            values.append(batch[key].float().cpu())
+    out: dict[str, Any] = {key: torch.cat(parts[key], dim) for key, dim in _TRAJECTORY_DIM.items()}
     out["swap_steps"] = list(inferer.swap_steps)
     out["num_model_calls"] = calls
     out["num_batches"] = -(-count // batch_size)
     return out
-
-
-_TRAJECTORY_DIM = {"initial_latent": 0, "neutral_latent": 0, "swap_latents": 1, "frame_latents": 1, "frames": 1,
-                   "swap_images": 1}  # fmt: skip
 
 
 def _interleave(runs: Sequence[Mapping[str, Any]], count: int) -> dict[str, Any]:
