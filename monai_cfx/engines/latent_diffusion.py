@@ -51,23 +51,47 @@ class ReconstructionPrepareBatch(PrepareBatch):
 
 
 class AutoencoderKLLoss(torch.nn.Module):
-    """L1 reconstruction plus a weighted KL divergence of MONAI ``AutoencoderKL``'s posterior to N(0, I).
+    """L1 reconstruction plus a weighted KL divergence of MONAI ``AutoencoderKL``'s posterior to N(0, I), with an
+    optional term on each image's worst-reconstructed voxels.
 
     Takes the ``(reconstruction, z_mu, z_sigma)`` tuple that ``AutoencoderKL.forward`` returns, so it
     plugs into ``SupervisedTrainer`` as ``loss_function`` with a ``SimpleInferer``.
+
+    A small finding (a lesion of 40 voxels in a 32³ volume) is about 0.1 % of the mean L1, so an autoencoder can
+    erase it at almost no cost. ``hard_weight`` × the mean absolute error of each image's ``hard_fraction`` worst
+    voxels weighs what is lost wherever it is, without masks or labels: once the large structures are
+    reconstructed, the largest errors are the small ones.
+
+    Args:
+        kl_weight: weight of the KL term.
+        hard_fraction: fraction of each image's voxels (the largest absolute errors) in the hard-voxel term, in
+            (0, 1]; used only when ``hard_weight`` > 0.
+        hard_weight: weight of the hard-voxel term; 0 (default) is plain L1 + KL.
     """
 
-    def __init__(self, kl_weight: float = 1e-6) -> None:
+    def __init__(self, kl_weight: float = 1e-6, hard_fraction: float = 0.01, hard_weight: float = 0.0) -> None:
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"`kl_weight` must be >= 0, got {kl_weight}.")
+        if not 0 < hard_fraction <= 1:
+            raise ValueError(f"`hard_fraction` must be in (0, 1], got {hard_fraction}.")
+        if not hard_weight >= 0:
+            raise ValueError(f"`hard_weight` must be >= 0, got {hard_weight}.")
         self.kl_weight = kl_weight
+        self.hard_fraction = hard_fraction
+        self.hard_weight = hard_weight
 
     def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         reconstruction, z_mu, z_sigma = outputs
         spatial = list(range(1, z_mu.ndim))
         kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1, dim=spatial)
-        return torch.nn.functional.l1_loss(reconstruction.float(), target.float()) + self.kl_weight * kl.mean()
+        errors = (reconstruction.float() - target.float()).abs()
+        loss = errors.mean() + self.kl_weight * kl.mean()
+        if self.hard_weight > 0:
+            per_image = errors.flatten(1)
+            count = max(1, int(round(self.hard_fraction * per_image.shape[1])))
+            loss = loss + self.hard_weight * per_image.topk(count, dim=1).values.mean()
+        return loss
 
 
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):

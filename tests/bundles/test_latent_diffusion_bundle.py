@@ -149,10 +149,13 @@ class TestContinueTraining(BundleCase):
         result = run_bundle(
             self.configs("train_autoencoder"), *self.common, *TINY,
             "--pretrained_path", str(self.tmp / "models" / "autoencoder_2d.pt"),
-            "--load_autoencoder_path", str(continued),
+            "--load_autoencoder_path", str(continued), "--hard_voxel_weight", "1.0",
         )  # fmt: skip
         check_ok(self, result)
         self.assertNotEqual(continued.read_bytes(), first)  # trained further from the saved weights
+        # the continuation's loss weighs the worst-reconstructed voxels, a setting its training state records
+        state = torch.load(self.tmp / "models" / "continued_training_state.pt", weights_only=True)
+        self.assertEqual(state["fingerprint"]["hard_voxel_weight"], 1.0)
         # weights of another network are refused with the file's name
         wrong = run_bundle(self.configs("train_oracle"), *self.common, *TINY, "--pretrained_path", str(continued))
         self.assertNotEqual(wrong.returncode, 0)

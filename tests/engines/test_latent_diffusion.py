@@ -27,9 +27,30 @@ class TestAutoencoderKLLoss(unittest.TestCase):
         self.assertAlmostEqual(float(loss), 0.5 + 0.1 * 4.0, places=5)
         self.assertAlmostEqual(float(AutoencoderKLLoss(0.0)((target, z_mu * 0, z_sigma), target)), 0.0)
 
+    def test_hard_voxels_weigh_a_small_error(self):
+        # one image, 100 voxels: 99 exact, one (a "lesion") off by 1
+        target = torch.zeros(1, 1, 10, 10)
+        reconstruction = target.clone()
+        reconstruction[0, 0, 3, 4] = 1.0
+        z_mu, z_sigma = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+        plain = AutoencoderKLLoss(0.0)((reconstruction, z_mu, z_sigma), target)
+        # the worst 2 % of the voxels: the lesion voxel (error 1) and an exact one (0), mean 0.5
+        hard = AutoencoderKLLoss(0.0, hard_fraction=0.02, hard_weight=2.0)((reconstruction, z_mu, z_sigma), target)
+        self.assertAlmostEqual(float(plain), 0.01, places=6)
+        self.assertAlmostEqual(float(hard), 0.01 + 2.0 * 0.5, places=6)
+        # its gradient reaches the lesion voxel only, 100 times the plain L1's there
+        reconstruction.requires_grad_(True)
+        AutoencoderKLLoss(0.0, hard_fraction=0.01, hard_weight=1.0)((reconstruction, z_mu, z_sigma), target).backward()
+        self.assertAlmostEqual(float(reconstruction.grad[0, 0, 3, 4]), 0.01 + 1.0, places=6)
+        self.assertAlmostEqual(float(reconstruction.grad.abs().sum()), 0.01 + 1.0, places=6)
+
     def test_negative_weight(self):
         with self.assertRaisesRegex(ValueError, "kl_weight"):
             AutoencoderKLLoss(-1.0)
+        with self.assertRaisesRegex(ValueError, "hard_fraction"):
+            AutoencoderKLLoss(hard_fraction=0.0)
+        with self.assertRaisesRegex(ValueError, "hard_weight"):
+            AutoencoderKLLoss(hard_weight=float("nan"))
 
     def test_reconstruction_prepare_batch(self):
         images = torch.rand(2, 1, 4, 4)
