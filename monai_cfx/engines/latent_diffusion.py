@@ -57,10 +57,10 @@ class AutoencoderKLLoss(torch.nn.Module):
     Takes the ``(reconstruction, z_mu, z_sigma)`` tuple that ``AutoencoderKL.forward`` returns, so it
     plugs into ``SupervisedTrainer`` as ``loss_function`` with a ``SimpleInferer``.
 
-    A small finding (a lesion of 40 voxels in a 32³ volume) is about 0.1 % of the mean L1, so an autoencoder can
-    erase it at almost no cost. ``hard_weight`` × the mean absolute error of each image's ``hard_fraction`` worst
-    voxels weighs what is lost wherever it is, without masks or labels: once the large structures are
-    reconstructed, the largest errors are the small ones.
+    A small finding (a lesion of 40 voxels in a 32³ volume) is a fraction of a percent of the mean L1, so an
+    autoencoder can erase it at almost no cost. ``hard_weight`` × the mean absolute error of each image's
+    ``hard_fraction`` worst voxels gives the largest errors a weight of their own, wherever they are (edges and
+    small findings alike), without masks or labels.
 
     Args:
         kl_weight: weight of the KL term.
