@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_head",
     "evaluate_counterfactuals",
     "explain_predictions",
+    "head_features",
     "head_output",
     "head_probabilities",
     "joint_network",
@@ -359,6 +360,29 @@ def load_images(
 
 
 @torch.no_grad()
+def head_features(
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    scale_factor: float,
+    context: torch.Tensor | None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """What the head reads for ``images`` ``(N, C, *spatial)``: ``network.features`` ``(N, F)`` of the posterior mean
+    times ``scale_factor`` at ``t = 0``, with ``context`` ``(1, L, D)`` (the empty prompt's, as the head was trained)
+    expanded to each batch."""
+    network, autoencoder = network.to(device).eval(), autoencoder.to(device).eval()
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            latent = encode_mean(autoencoder, images[start : start + batch_size].to(device)) * scale_factor
+            batch_context = None if context is None else context.to(latent).expand(len(latent), *context.shape[1:])
+            timesteps = torch.zeros(len(latent), dtype=torch.long, device=latent.device)
+            features.append(network.features(latent, timesteps, batch_context).float().cpu())
+    return torch.cat(features)
+
+
 def head_probabilities(
     network: JointDiffusionUNet,
     autoencoder: torch.nn.Module,
@@ -368,17 +392,11 @@ def head_probabilities(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """The head's probabilities ``(N, K)`` of ``images`` ``(N, C, *spatial)``: posterior mean times
-    ``scale_factor``, ``classify`` at ``t = 0`` with ``context`` ``(1, L, D)`` (the empty prompt's, as the head was
-    trained) expanded to each batch."""
-    network, autoencoder = network.to(device).eval(), autoencoder.to(device).eval()
-    probabilities = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        latent = encode_mean(autoencoder, batch) * scale_factor
-        batch_context = None if context is None else context.to(latent).expand(len(batch), *context.shape[1:])
-        probabilities.append(torch.sigmoid(network.classify(latent, context=batch_context)).float().cpu())
-    return torch.cat(probabilities)
+    """The head's probabilities ``(N, K)`` of ``images``: the head on :func:`head_features` (``classify`` at
+    ``t = 0``, as the head was trained)."""
+    features = head_features(network, autoencoder, images, scale_factor, context, batch_size, device)
+    with torch.no_grad():
+        return torch.sigmoid(network.head(features.to(device))).float().cpu()
 
 
 def _auroc(probabilities: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str]) -> dict[str, Any]:

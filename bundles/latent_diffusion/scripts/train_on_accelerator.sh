@@ -16,6 +16,9 @@
 # The epochs are chosen from the CPU figures (an autoencoder iteration at batch 8 takes 4.8 s on one thread; the
 # recipe's lesion contrast is still rising at 1,000 iterations), not measured on a GPU yet.
 set -euo pipefail
+# a relative MODEL_DIR or PYTHON path is the caller's, not the bundle's
+case "${MODEL_DIR:-}" in ""|/*) ;; *) MODEL_DIR="$PWD/$MODEL_DIR" ;; esac
+case "${PYTHON:-}" in */*) [ "${PYTHON#/}" != "$PYTHON" ] || PYTHON="$PWD/$PYTHON" ;; esac
 cd "$(dirname "$0")/.."
 MODEL_DIR="${MODEL_DIR:-models_accelerated}"
 PYTHON="${PYTHON:-python}"

@@ -11,6 +11,9 @@
 # continuations (--pretrained_path) start a fresh optimiser, as the shipped runs did, so they pass --resume false.
 # The phantom datasets are written into data/ by the first run that needs them. Set PYTHON to choose the interpreter.
 set -euo pipefail
+# a relative MODEL_DIR or PYTHON path is the caller's, not the bundle's
+case "${MODEL_DIR:-}" in ""|/*) ;; *) MODEL_DIR="$PWD/$MODEL_DIR" ;; esac
+case "${PYTHON:-}" in */*) [ "${PYTHON#/}" != "$PYTHON" ] || PYTHON="$PWD/$PYTHON" ;; esac
 cd "$(dirname "$0")/.."
 MODEL_DIR="${MODEL_DIR:-models_reproduced}"
 PYTHON="${PYTHON:-python}"

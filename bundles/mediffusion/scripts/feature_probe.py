@@ -1,10 +1,11 @@
 """Where a joint network's classification is lost: its trained head against heads refitted on its frozen features.
 
-The features are what the head reads: ``JointDiffusionUNet.features`` of the posterior mean (times the scale factor)
-at t = 0 with the empty prompt's context, on the training and testing splits of the bundle's phantoms. Each refitted
-head is trained with AdamW for ``--steps`` batches of 32 on the first ``--labels`` training items in a seeded random
-order, with the raw or with standardised features (each feature's training mean and standard deviation), and scored
-by per-finding AUROC on the testing split. Prints one JSON line per head.
+The features are what the head reads (``monai_cfx.apps.mediffusion.head_features``: the network's pooled features
+of the posterior mean times the scale factor at t = 0 with the empty prompt's context), on the training and testing
+splits of the bundle's phantoms. Each refitted head is trained with AdamW for ``--steps`` batches of 32 on the first
+``--labels`` training items in a seeded random order, with the raw or with standardised features (each feature's
+training mean and standard deviation), and scored by per-finding AUROC on the testing split.
+Prints one JSON line per head.
 
     python bundles/mediffusion/scripts/feature_probe.py --model_name joint_2d_1.0 [--model_dir <folder>] \
         [--labels 1600 160]
@@ -22,7 +23,7 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 
 from monai_cfx.apps.bundle_config import default_bundle_dir, load_bundle_config
 from monai_cfx.apps.bundle_io import load_datalist
-from monai_cfx.networks import encode_mean
+from monai_cfx.apps.mediffusion import head_features
 
 
 def split_arrays(config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,16 +33,6 @@ def split_arrays(config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     loader, channel_first = LoadImage(image_only=True), EnsureChannelFirst()
     images = torch.stack([torch.as_tensor(channel_first(loader(item["image"]))).float() for item in items])
     return images, torch.tensor([item["label"] for item in items], dtype=torch.float32)
-
-
-def pooled_features(network, autoencoder, images, scale_factor, context, batch_size: int = 50) -> torch.Tensor:
-    features = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            latent = encode_mean(autoencoder, images[start : start + batch_size]) * scale_factor
-            timesteps = torch.zeros(len(latent), dtype=torch.long)
-            features.append(network.features(latent, timesteps, context.expand(len(latent), -1, -1)))
-    return torch.cat(features)
 
 
 def fit_head(features, labels, hidden: int, steps: int, learning_rate: float, seed: int) -> torch.nn.Module:
@@ -83,8 +74,8 @@ def main() -> None:
         split_arrays(config, "training"),
         split_arrays(config, "testing"),
     )
-    train = pooled_features(network, autoencoder, train_images, scale_factor, context)
-    test = pooled_features(network, autoencoder, test_images, scale_factor, context)
+    train = head_features(network, autoencoder, train_images, scale_factor, context, batch_size=50)
+    test = head_features(network, autoencoder, test_images, scale_factor, context, batch_size=50)
     mean, std = train.mean(0), train.std(0) + 1e-6
 
     def report(head_name: str, labels: int, head) -> None:
