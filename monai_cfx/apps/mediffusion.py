@@ -83,9 +83,11 @@ def joint_network(
     classifier_hidden: int = 2048,
     classifier_dropout: float = 0.3,
     pretrained_path: str | os.PathLike | None = None,
+    classifier_norm: str | None = None,
 ) -> JointDiffusionUNet:
     """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the arguments of a plain ``DiffusionModelUNet``
-    config (the latent diffusion bundle's ``diffusion_def``) and a head of ``num_classes`` outputs, initialised from
+    config (the latent diffusion bundle's ``diffusion_def``) and a head of ``num_classes`` outputs (``classifier_*``:
+    the network's head arguments), initialised from
     the plain UNet checkpoint ``pretrained_path`` (``load_unet_state_dict``: every UNet key must fit, only the head
     is new) when given.
 
@@ -98,6 +100,7 @@ def joint_network(
         num_classes=num_classes,
         classifier_hidden=classifier_hidden,
         classifier_dropout=classifier_dropout,
+        classifier_norm=classifier_norm,
     )
     if pretrained_path is None:
         return network
@@ -122,6 +125,7 @@ def load_joint_network(
     path: str | os.PathLike,
     classifier_hidden: int = 2048,
     classifier_dropout: float = 0.3,
+    classifier_norm: str | None = None,
 ) -> JointDiffusionUNet:
     """A trained joint network (:func:`joint_network`'s architecture) with the weights at ``path`` (a state dict,
     or an ignite checkpoint holding it under ``"model"``), every key required, in ``eval()`` mode.
@@ -131,7 +135,7 @@ def load_joint_network(
         ValueError: for a checkpoint whose head does not fit ``num_classes`` (the message names it), or of another
             network (a plain UNet without a head, another UNet).
     """
-    network = joint_network(unet_config, num_classes, classifier_hidden, classifier_dropout)
+    network = joint_network(unet_config, num_classes, classifier_hidden, classifier_dropout, None, classifier_norm)
     return load_weights(network, path, key="model").eval()
 
 
@@ -141,6 +145,7 @@ def stable_diffusion_joint_network(
     classifier_hidden: int = 2048,
     classifier_dropout: float = 0.3,
     joint_path: str | os.PathLike | None = None,
+    classifier_norm: str | None = None,
 ) -> JointDiffusionUNet:
     """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the architecture of a Stable Diffusion folder's
     UNet (``stable_diffusion``: :func:`~monai_cfx.networks.nets.load_stable_diffusion`'s result) and a head of
@@ -157,6 +162,7 @@ def stable_diffusion_joint_network(
         num_classes=num_classes,
         classifier_hidden=classifier_hidden,
         classifier_dropout=classifier_dropout,
+        classifier_norm=classifier_norm,
     )
     if joint_path is not None:
         return load_weights(network, joint_path, key="model").eval()
@@ -396,7 +402,7 @@ def head_probabilities(
     ``t = 0``, as the head was trained)."""
     features = head_features(network, autoencoder, images, scale_factor, context, batch_size, device)
     with torch.no_grad():
-        return torch.sigmoid(network.head(features.to(device))).float().cpu()
+        return torch.sigmoid(network.classify_features(features.to(device))).float().cpu()
 
 
 def _auroc(probabilities: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str]) -> dict[str, Any]:

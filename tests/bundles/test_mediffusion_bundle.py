@@ -84,6 +84,7 @@ class TestMediffusionBundle2D(MediffusionCase):
         for term in ("classification:", "diffusion:", "total:", "val_auroc"):
             self.assertIn(term, log)
         self.assertIn("'head.3.weight'", log)  # only the head is new: the UNet comes from diffusion_<dims>.pt
+        self.assertIn("'head_norm.running_mean'", log)  # with its input normalisation (classifier_norm "batch")
         model = self.models / f"{name}.pt"
         self.assertTrue(model.is_file())
         self.assertTrue((out / "last_state.pt").is_file())
@@ -144,7 +145,7 @@ class TestMediffusionBundle2D(MediffusionCase):
                     "--output_dir", str(explained), "--decision_threshold", "0.3")  # fmt: skip
         manifest = json.loads((explained / "explanations.json").read_text())
         self.assertEqual(len(manifest["items"]), 2)
-        self.assertEqual(manifest["settings"]["guidance_scale"], 5.0)
+        self.assertEqual(manifest["settings"]["guidance_scale"], 3.0)
         for item in manifest["items"]:
             before_p, after_p = item["probabilities_before"], item["probabilities_after"]
             self.assertEqual(list(before_p), label_names)

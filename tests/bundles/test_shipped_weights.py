@@ -73,8 +73,8 @@ class TestShippedWeights(unittest.TestCase):
 
 # bundles/mediffusion/docs/README.md reports the shipped joint head's testing AUROC per finding; these floors sit
 # below those figures on other unseen phantoms, and the findings it misses (nodule) are reported there, not here
-# (docs: opacity 0.71, effusion 0.96, cardiomegaly 1.00 on these seeds; the head misses nodules, 0.43)
-JOINT_FLOORS = {"opacity": 0.6, "effusion": 0.9, "cardiomegaly": 0.95}
+# (on these seeds: opacity 0.87, effusion 0.99, cardiomegaly 1.00; the head misses nodules, 0.47)
+JOINT_FLOORS = {"opacity": 0.75, "effusion": 0.9, "cardiomegaly": 0.95}
 
 
 class TestShippedJointNetwork(unittest.TestCase):

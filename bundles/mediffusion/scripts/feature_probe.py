@@ -86,7 +86,7 @@ def main() -> None:
                           "auroc": {n: round(float(a), 3) for n, a in zip(names, aurocs)},
                           "feature_std_range": [float(std.min()), float(std.max())]}))  # fmt: skip
 
-    report("trained", len(train), network.head)
+    report("trained", len(train), network.classify_features)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     for count in args.labels:
         rows = order[:count]

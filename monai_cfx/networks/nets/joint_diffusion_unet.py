@@ -30,6 +30,8 @@ from torch import nn
 __all__ = ["JointDiffusionUNet"]
 
 HEAD_PREFIX = "head."
+HEAD_NORM_PREFIX = "head_norm."
+CLASSIFIER_NORMS = (None, "batch")
 
 
 class JointDiffusionUNet(DiffusionModelUNet):
@@ -44,7 +46,10 @@ class JointDiffusionUNet(DiffusionModelUNet):
       over space (2D or 3D), concatenated: ``(B, num_features)`` with
       ``num_features = c_0 + sum_i c_i * (r_i + [i is not the last level]) + c_last`` for channels ``c`` and
       residual blocks ``r``.
-    * :attr:`head` is ``Linear(F, H) - LeakyReLU(0.2) - Dropout(p) - Linear(H, num_classes)``.
+    * :attr:`head` is ``Linear(F, H) - LeakyReLU(0.2) - Dropout(p) - Linear(H, num_classes)``. It reads the
+      features through :attr:`head_norm`: the identity (the reference), or with ``classifier_norm="batch"`` a
+      ``BatchNorm1d`` that standardises each feature. The pooled features' scales differ by two orders of magnitude
+      (block to block and channel to channel), and a head that reads them raw hardly uses the small ones.
     * :meth:`classify` gives logits; the classifier is trained and used on the *clean* latent at ``t = 0``, so
       ``timesteps=None`` means ``t = 0`` for every row (the reference's guidance evaluated it on x̂₀ at timestep
       ``t``, a timestep the head never saw in training).
@@ -53,9 +58,9 @@ class JointDiffusionUNet(DiffusionModelUNet):
     chest X-ray multi-label configuration
     (``configs/latent_diffusion/supervised/non_noisy_classifier/joint_diffusion_pooling/chest_xray_multilabel.yaml``;
     the head is built in ``models/latent_diffusion/joint_latent_diffusion_noisy_classifier.py``). Two differences
-    from the reference: it also applies dropout to the head's input, and it pools each feature map to a fixed
-    ``pool_size`` grid instead of globally, which ties the head to one latent size; global pooling here keeps the
-    head valid for any input size, 2D or 3D.
+    from the reference: the reference also applies dropout to the head's input, and it pools each feature map to a
+    fixed ``pool_size`` grid instead of globally, which ties the head to one latent size; global pooling here keeps
+    the head valid for any input size, 2D or 3D. ``classifier_norm`` is ours (off by default, as in the reference).
 
     Args:
         spatial_dims, in_channels, out_channels, num_res_blocks, channels, attention_levels, norm_num_groups,
@@ -65,10 +70,13 @@ class JointDiffusionUNet(DiffusionModelUNet):
         num_classes: number of classifier outputs (findings of a multi-label problem), >= 1.
         classifier_hidden: hidden width ``H`` of the head, >= 1.
         classifier_dropout: dropout probability of the head, in [0, 1).
+        classifier_norm: normalisation of the head's input: ``None`` (the reference's raw features) or ``"batch"``
+            (``BatchNorm1d`` over the features: batch statistics in training, running ones in ``eval()``).
 
     Raises:
-        ValueError: for a ``num_classes`` or ``classifier_hidden`` that is not a positive int, or a
-            ``classifier_dropout`` outside [0, 1); MONAI's own checks for the UNet arguments.
+        ValueError: for a ``num_classes`` or ``classifier_hidden`` that is not a positive int, a
+            ``classifier_dropout`` outside [0, 1) or a ``classifier_norm`` not in (None, "batch"); MONAI's own checks
+            for the UNet arguments.
 
     Example::
 
@@ -104,6 +112,7 @@ class JointDiffusionUNet(DiffusionModelUNet):
         num_classes: int,
         classifier_hidden: int = 2048,
         classifier_dropout: float = 0.3,
+        classifier_norm: str | None = None,
     ) -> None:
         # check the head's arguments before building the (possibly large) UNet
         for name, value in (("num_classes", num_classes), ("classifier_hidden", classifier_hidden)):
@@ -112,6 +121,8 @@ class JointDiffusionUNet(DiffusionModelUNet):
         valid_dropout = isinstance(classifier_dropout, Real) and not isinstance(classifier_dropout, bool)
         if not valid_dropout or not 0.0 <= classifier_dropout < 1.0:
             raise ValueError(f"`classifier_dropout` must be a probability in [0, 1), got {classifier_dropout!r}.")
+        if classifier_norm not in CLASSIFIER_NORMS:
+            raise ValueError(f"`classifier_norm` must be one of {CLASSIFIER_NORMS}, got {classifier_norm!r}.")
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -136,7 +147,9 @@ class JointDiffusionUNet(DiffusionModelUNet):
         self.num_classes = int(num_classes)
         self.classifier_hidden = int(classifier_hidden)
         self.classifier_dropout = float(classifier_dropout)
+        self.classifier_norm = classifier_norm
         self.num_features = self.feature_count(channels, num_res_blocks)
+        self.head_norm = nn.BatchNorm1d(self.num_features) if classifier_norm == "batch" else nn.Identity()
         self.head = nn.Sequential(
             nn.Linear(self.num_features, self.classifier_hidden),
             nn.LeakyReLU(0.2),
@@ -201,18 +214,47 @@ class JointDiffusionUNet(DiffusionModelUNet):
         clean latent, where the head is trained and used). Other arguments as :meth:`features`."""
         if timesteps is None:
             timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return self.head(self.features(x, timesteps, context, class_labels))
+        return self.classify_features(self.features(x, timesteps, context, class_labels))
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of pooled :meth:`features` ``(B, num_features)``: the head on ``head_norm``.
+
+        Raises:
+            ValueError: for a batch of one row in training with ``classifier_norm="batch"`` (no batch statistics).
+        """
+        if self.training and self.classifier_norm == "batch" and features.shape[0] < 2:
+            raise ValueError(
+                f"classifier_norm='batch' standardises each feature by the batch's statistics in training, which "
+                f"needs at least 2 rows; got a batch of {features.shape[0]}. Use a batch size >= 2, or call eval()."
+            )
+        return self.head(self.head_norm(features))
+
+    @staticmethod
+    def _is_head_key(key: str) -> bool:
+        return key.startswith((HEAD_PREFIX, HEAD_NORM_PREFIX))
 
     def _check_head(self, state_dict: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint whose head does not fit this network, with a message naming ``num_classes``."""
+        """Refuse a checkpoint whose head does not fit this network, with a message naming ``num_classes`` and
+        ``classifier_norm``."""
         expected = {key: tuple(value.shape) for key, value in self.head.state_dict(prefix=HEAD_PREFIX).items()}
-        found = {key: tuple(state_dict[key].shape) for key in expected if key in state_dict}
-        if found and found != {key: expected[key] for key in found}:
+        expected |= {
+            key: tuple(value.shape) for key, value in self.head_norm.state_dict(prefix=HEAD_NORM_PREFIX).items()
+        }
+        checkpoint_head = {
+            key: tuple(getattr(value, "shape", ())) for key, value in state_dict.items() if self._is_head_key(key)
+        }
+        found = {key: shape for key, shape in checkpoint_head.items() if key in expected}
+        foreign = sorted(set(checkpoint_head) - set(expected))
+        has_norm = any(key.startswith(HEAD_NORM_PREFIX) for key in checkpoint_head)
+        lacks_norm = bool(checkpoint_head) and not has_norm and self.classifier_norm is not None
+        if foreign or lacks_norm or found != {key: expected[key] for key in found}:
             raise ValueError(
                 f"The checkpoint's classification head does not fit this network (num_classes={self.num_classes}, "
-                f"num_features={self.num_features}, classifier_hidden={self.classifier_hidden}): the checkpoint has "
-                f"head shapes {found}, this network expects {expected}. Build the network with the checkpoint's "
-                "`num_classes` / `classifier_hidden`, or drop the `head.*` keys to load the UNet only."
+                f"num_features={self.num_features}, classifier_hidden={self.classifier_hidden}, "
+                f"classifier_norm={self.classifier_norm!r}): the checkpoint has head keys and shapes "
+                f"{checkpoint_head}, this network expects {expected}. Build the network with the checkpoint's "
+                "`num_classes` / `classifier_hidden` / `classifier_norm` (a `head_norm.*` key means 'batch'), or drop "
+                "the `head.*` and `head_norm.*` keys to load the UNet only."
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -222,7 +264,8 @@ class JointDiffusionUNet(DiffusionModelUNet):
 
     def load_unet_state_dict(self, state_dict: Mapping[str, Any]) -> list[str]:
         """Load a plain ``DiffusionModelUNet`` checkpoint (or a ``JointDiffusionUNet`` one): every UNet key must be
-        there and no other key; ``head.*`` keys are loaded when present and of this network's shape.
+        there and no other key; ``head.*`` (and ``head_norm.*``) keys are loaded when present and of this network's
+        shape.
 
         Returns:
             the head keys the checkpoint lacked (left at their initialisation; train the head).
@@ -232,12 +275,12 @@ class JointDiffusionUNet(DiffusionModelUNet):
                 and the checkpoint's head shapes).
         """
         own = set(self.state_dict())
-        missing = sorted(key for key in own - set(state_dict) if not key.startswith(HEAD_PREFIX))
-        unexpected = sorted(set(state_dict) - own)
+        missing = sorted(key for key in own - set(state_dict) if not self._is_head_key(key))
+        unexpected = sorted(key for key in set(state_dict) - own if not self._is_head_key(key))
         if missing or unexpected:
             raise ValueError(
-                "`state_dict` must hold exactly the keys of the DiffusionModelUNet this network extends (`head.*` "
-                f"optional); missing UNet keys {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                "`state_dict` must hold exactly the keys of the DiffusionModelUNet this network extends (`head.*` and "
+                f"`head_norm.*` optional); missing UNet keys {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                 f"({len(missing)}), unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
                 f"({len(unexpected)})."
             )

@@ -139,6 +139,51 @@ class TestJointDiffusionUNet(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"num_classes=5.*'head.3.weight': \(3, 16\)"):
                 load(state)
 
+    @parameterized.expand([["2d", 2], ["3d", 3]])
+    def test_batch_norm_head_standardises_each_feature(self, _, spatial_dims):
+        _, joint, missing = joint_like_tiny(spatial_dims, classifier_norm="batch")
+        self.assertIn("head_norm.running_mean", missing)  # a plain UNet: the head and its norm are new
+        x, timesteps, context = inputs(spatial_dims, True, batch=2)
+        x = torch.cat([x, x.flip(0) * 1.5 + 0.3])  # four rows
+        context = torch.cat([context, context])
+        zeros = torch.zeros(4, dtype=torch.long)
+        with torch.no_grad():
+            features = joint.features(x, zeros, context)
+            joint.train()
+            joint.head[2].eval()  # the norm on batch statistics, the head's dropout off to compare
+            training_logits = joint.classify_features(features)
+            joint.eval()
+            eval_logits = joint.classify(x, context=context)
+            # training: each feature standardised by the batch's own statistics (BatchNorm1d's initial affine: 1, 0)
+            standardised = (features - features.mean(0)) / torch.sqrt(features.var(0, unbiased=False) + 1e-5)
+            self.assertTrue(torch.allclose(training_logits, joint.head(standardised), atol=1e-5))
+            # eval: the running statistics, which that training pass moved away from (0, 1)
+            running_mean, running_var = joint.head_norm.running_mean, joint.head_norm.running_var
+            self.assertFalse(torch.allclose(running_mean, torch.zeros_like(running_mean)))
+            running = (features - running_mean) / torch.sqrt(running_var + 1e-5)
+            self.assertTrue(torch.allclose(eval_logits, joint.head(running), atol=1e-5))
+        self.assertEqual(tuple(eval_logits.shape), (4, NUM_CLASSES))
+
+    def test_batch_norm_head_refuses_one_row_in_training(self):
+        _, joint, _ = joint_like_tiny(2, classifier_norm="batch")
+        x, _, context = inputs(2, True, batch=1)
+        with self.assertRaisesRegex(ValueError, r"at least 2 rows; got a batch of 1"):
+            joint.train().classify(x, context=context)
+        self.assertEqual(tuple(joint.eval().classify(x, context=context).shape), (1, NUM_CLASSES))
+
+    def test_checkpoint_of_the_other_norm_refused(self):
+        _, raw, _ = joint_like_tiny(2)
+        _, normed, _ = joint_like_tiny(2, classifier_norm="batch")
+        for source, target, name in ((normed, raw, "None"), (raw, normed, "'batch'")):
+            for load in (target.load_state_dict, target.load_unet_state_dict):
+                with self.assertRaisesRegex(ValueError, rf"classifier_norm={name}"):
+                    load(source.state_dict())
+        # the same norm round-trips, running statistics included
+        other = joint_like_tiny(2, classifier_norm="batch")[1]
+        normed.head_norm.running_mean.fill_(0.25)
+        other.load_state_dict(normed.state_dict())
+        self.assertTrue(torch.equal(other.head_norm.running_mean, normed.head_norm.running_mean))
+
     def test_plain_checkpoint_with_wrong_keys_refused(self):
         plain, joint, _ = joint_like_tiny(2)
         state = plain.state_dict()
@@ -160,6 +205,7 @@ class TestJointDiffusionUNet(unittest.TestCase):
             ["hidden", {"num_classes": 2, "classifier_hidden": 0}, "classifier_hidden"],
             ["dropout_high", {"num_classes": 2, "classifier_dropout": 1.0}, "classifier_dropout"],
             ["dropout_negative", {"num_classes": 2, "classifier_dropout": -0.1}, "classifier_dropout"],
+            ["norm", {"num_classes": 2, "classifier_norm": "layer"}, "classifier_norm"],
         ]
     )
     def test_bad_arguments(self, _, head, name):
