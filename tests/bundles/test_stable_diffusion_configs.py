@@ -194,7 +194,7 @@ class TestMediffusionOnStableDiffusion(StableDiffusionFolderCase):
         self.assertTrue(model.is_file())
         # the saved joint network has the folder's UNet architecture and a head; it loads with every key
         sd = load_stable_diffusion(self.sd, text_encoder=False)
-        joint = stable_diffusion_joint_network(sd, 4, joint_path=model)
+        joint = stable_diffusion_joint_network(sd, 4, joint_path=model, classifier_norm="batch")  # train.json's head
         context = torch.zeros(1, 77, sd.unet_config["cross_attention_dim"])
         logits = joint.classify(torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), context=context)
         self.assertEqual(tuple(logits.shape), (1, 4))
