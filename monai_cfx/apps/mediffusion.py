@@ -135,7 +135,9 @@ def load_joint_network(
         ValueError: for a checkpoint whose head does not fit ``num_classes`` (the message names it), or of another
             network (a plain UNet without a head, another UNet).
     """
-    network = joint_network(unet_config, num_classes, classifier_hidden, classifier_dropout, None, classifier_norm)
+    network = joint_network(
+        unet_config, num_classes, classifier_hidden, classifier_dropout, classifier_norm=classifier_norm
+    )
     return load_weights(network, path, key="model").eval()
 
 
@@ -380,15 +382,15 @@ def head_features(
     expanded to each batch."""
     network, autoencoder = network.to(device).eval(), autoencoder.to(device).eval()
     features = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            latent = encode_mean(autoencoder, images[start : start + batch_size].to(device)) * scale_factor
-            batch_context = None if context is None else context.to(latent).expand(len(latent), *context.shape[1:])
-            timesteps = torch.zeros(len(latent), dtype=torch.long, device=latent.device)
-            features.append(network.features(latent, timesteps, batch_context).float().cpu())
+    for start in range(0, len(images), batch_size):
+        latent = encode_mean(autoencoder, images[start : start + batch_size].to(device)) * scale_factor
+        batch_context = None if context is None else context.to(latent).expand(len(latent), *context.shape[1:])
+        timesteps = torch.zeros(len(latent), dtype=torch.long, device=latent.device)
+        features.append(network.features(latent, timesteps, batch_context).float().cpu())
     return torch.cat(features)
 
 
+@torch.no_grad()
 def head_probabilities(
     network: JointDiffusionUNet,
     autoencoder: torch.nn.Module,
@@ -401,8 +403,7 @@ def head_probabilities(
     """The head's probabilities ``(N, K)`` of ``images``: the head on :func:`head_features` (``classify`` at
     ``t = 0``, as the head was trained)."""
     features = head_features(network, autoencoder, images, scale_factor, context, batch_size, device)
-    with torch.no_grad():
-        return torch.sigmoid(network.classify_features(features.to(device))).float().cpu()
+    return torch.sigmoid(network.classify_features(features.to(device))).float().cpu()
 
 
 def _auroc(probabilities: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str]) -> dict[str, Any]:

@@ -236,13 +236,11 @@ class JointDiffusionUNet(DiffusionModelUNet):
     def _check_head(self, state_dict: Mapping[str, Any]) -> None:
         """Refuse a checkpoint whose head does not fit this network, with a message naming ``num_classes`` and
         ``classifier_norm``."""
-        expected = {key: tuple(value.shape) for key, value in self.head.state_dict(prefix=HEAD_PREFIX).items()}
-        expected |= {
-            key: tuple(value.shape) for key, value in self.head_norm.state_dict(prefix=HEAD_NORM_PREFIX).items()
-        }
-        checkpoint_head = {
-            key: tuple(getattr(value, "shape", ())) for key, value in state_dict.items() if self._is_head_key(key)
-        }
+
+        def head_shapes(states: Mapping[str, Any]) -> dict[str, tuple]:
+            return {key: tuple(value.shape) for key, value in states.items() if self._is_head_key(key)}
+
+        expected, checkpoint_head = head_shapes(self.state_dict()), head_shapes(state_dict)
         found = {key: shape for key, shape in checkpoint_head.items() if key in expected}
         foreign = sorted(set(checkpoint_head) - set(expected))
         has_norm = any(key.startswith(HEAD_NORM_PREFIX) for key in checkpoint_head)
