@@ -61,6 +61,7 @@ __all__ = [
     "load_joint_network",
     "oracle_baseline",
     "publish_model",
+    "removal_prompts",
     "stable_diffusion_joint_network",
 ]
 
@@ -466,6 +467,58 @@ def _removal_target(probabilities: torch.Tensor, threshold: float) -> torch.Tens
     )
 
 
+def removal_prompts(
+    target: torch.Tensor, label_names: Sequence[str], finding_phrases: Mapping[str, str], template: str
+) -> list[str]:
+    """One negative prompt per image that names the findings it removes (``target`` 0; NaN leaves a finding alone),
+    e.g. ``template="Chest radiograph with {findings}."`` and ``finding_phrases={"effusion": "a pleural effusion",
+    ...}`` give ``"Chest radiograph with a pleural effusion and a nodule."``; ``""`` (the empty prompt) for an image
+    that removes nothing. Classifier-free guidance from this prompt towards the empty one pushes away from the named
+    findings only, so the findings the edit leaves alone stay (a healthy prompt would remove them too).
+
+    Raises:
+        ValueError: when ``finding_phrases`` lacks a label name, ``template`` has no ``{findings}`` field, or
+            ``target`` is not ``(B, len(label_names))``.
+    """
+    missing = [name for name in label_names if name not in finding_phrases]
+    if missing:
+        raise ValueError(
+            f"`finding_phrases` lacks a phrase for {missing}; give one per label name {list(label_names)}."
+        )
+    if "{findings}" not in template:
+        raise ValueError(f"`negative_prompt_template` must contain '{{findings}}', got {template!r}.")
+    if target.ndim != 2 or target.shape[1] != len(label_names):
+        raise ValueError(
+            f"the removal target must be (B, {len(label_names)}) for label names {list(label_names)}, "
+            f"got {tuple(target.shape)}."
+        )
+    prompts = []
+    for row in target.tolist():
+        phrases = [finding_phrases[name] for name, value in zip(label_names, row) if value == 0]
+        if not phrases:
+            prompts.append("")
+            continue
+        joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        prompts.append(template.format(findings=joined))
+    return prompts
+
+
+def _guidance_contexts(
+    text_encoder: Any,
+    target: torch.Tensor,
+    empty: torch.Tensor,
+    label_names: Sequence[str],
+    finding_phrases: Mapping[str, str] | None,
+    template: str,
+) -> torch.Tensor:
+    """The edit's unconditional context: the empty prompt's, or with ``finding_phrases`` each image's negative
+    prompt (:func:`removal_prompts`), which is also the context DDIM inversion runs under."""
+    if finding_phrases is None:
+        return empty
+    with torch.no_grad():
+        return text_encoder(removal_prompts(target, label_names, finding_phrases, template)).to(empty.device)
+
+
 def explain_predictions(
     inferer: CounterfactualInferer,
     network: JointDiffusionUNet,
@@ -478,6 +531,8 @@ def explain_predictions(
     label_names: Sequence[str],
     guidance_scale: float = 100.0,
     prompt: str = "",
+    finding_phrases: Mapping[str, str] | None = None,
+    negative_prompt_template: str = "{findings}",
     decision_threshold: float = 0.5,
     through_denoiser: bool = False,
     difference: DifferenceMap | None = None,
@@ -492,8 +547,10 @@ def explain_predictions(
     plus :meth:`ClassifierGuidanceHook.from_joint <monai_cfx.inferers.ClassifierGuidanceHook.from_joint>` (targets 0
     for the predicted findings, NaN for the others; the classifier reads the empty prompt's context, as it was
     trained). The denoiser is conditioned on ``prompt`` (default the empty prompt: the finding is removed by the
-    classifier alone); the inversion runs under the empty prompt. An image with no predicted finding gets the
-    inversion's reconstruction (no gradient).
+    classifier alone); the inversion runs under the empty prompt. With ``finding_phrases``, each image's negative
+    prompt (:func:`removal_prompts` with ``negative_prompt_template``) names the findings it removes: the inversion
+    runs under it and the inferer's classifier-free guidance pushes from it towards ``prompt``, so only the predicted
+    findings are pushed out. An image with no predicted finding gets the inversion's reconstruction (no gradient).
 
     Writes into ``output_dir``, all together or not at all: ``<name>_counterfactual.nii.gz`` and
     ``<name>_difference.nii.gz`` (signed image minus counterfactual) with the input's affine, ``<name>_panel.png``
@@ -534,7 +591,8 @@ def explain_predictions(
             guidance_scale=guidance_scale,
             through_denoiser=through_denoiser,
         )
-        counterfactuals.append(inferer(batch, network, autoencoder, conditioning, empty, hooks=[hook]).cpu())
+        uncond = _guidance_contexts(text_encoder, target, empty, label_names, finding_phrases, negative_prompt_template)
+        counterfactuals.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).cpu())
     counterfactual = torch.cat(counterfactuals).float()
     after = head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device)
     spatial_dims = images.ndim - 2
@@ -622,13 +680,16 @@ def evaluate_counterfactuals(
     difference: DifferenceMap | None = None,
     through_denoiser: bool = False,
     prompt: str = "",
+    finding_phrases: Mapping[str, str] | None = None,
+    negative_prompt_template: str = "{findings}",
     threshold: float = 0.5,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Classifier-guided counterfactuals that remove every finding an image has, measured against what the
     phantoms know, for each guidance scale of ``guidance_scales`` (0: the same inversion and denoising without
-    guidance, the baseline).
+    classifier guidance, the baseline). ``prompt``, ``finding_phrases`` and ``negative_prompt_template`` condition
+    the denoiser as in :func:`explain_predictions` (the negative prompts name every finding the image has).
 
     Per scale, averaged over the images (``data`` from :func:`load_phantom_items`):
 
@@ -681,7 +742,11 @@ def evaluate_counterfactuals(
                 guidance_scale=float(scale),
                 through_denoiser=through_denoiser,
             )
-            parts.append(inferer(batch, network, autoencoder, conditioning, empty, hooks=[hook]).float().cpu())
+            batch_target = target[start : start + batch_size]
+            uncond = _guidance_contexts(
+                text_encoder, batch_target, empty, label_names, finding_phrases, negative_prompt_template
+            )
+            parts.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).float().cpu())
         counter.remove()
         seconds = time.perf_counter() - started
         counterfactual = torch.cat(parts)
