@@ -32,6 +32,7 @@ from monai.metrics import compute_roc_auc
 from monai_cfx.apps.bundle_io import to_scan_grid
 from monai_cfx.engines import DiffMatchLoss, LabelledBatchSampler, StrongLatentAugment
 from monai_cfx.inferers import ClassifierGuidanceHook, CounterfactualInferer
+from monai_cfx.metrics import oracle_predict
 from monai_cfx.networks.nets import JointDiffusionUNet, unet_from_config
 from monai_cfx.networks.utils import encode_mean
 from monai_cfx.transforms import DifferenceMap
@@ -51,6 +52,7 @@ __all__ = [
     "diffmatch_parts",
     "evaluate_head",
     "evaluate_counterfactuals",
+    "evaluate_targeted_removal",
     "explain_predictions",
     "head_features",
     "head_output",
@@ -784,3 +786,94 @@ def evaluate_counterfactuals(
             f"{key} {row[key]:.3f}" for key in ("validity", "head_validity", "localization_auroc", "twin_l1_outside")
         ))  # fmt: skip
     return {"num_images": int(len(images)), "label_names": list(label_names), "sweep": sweep}
+
+
+def evaluate_targeted_removal(
+    inferer: CounterfactualInferer,
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    text_encoder: Any,
+    oracle: torch.nn.Module,
+    data: Mapping[str, torch.Tensor],
+    *,
+    scale_factor: float,
+    label_names: Sequence[str],
+    guidance_scale: float,
+    prompt: str = "",
+    finding_phrases: Mapping[str, str] | None = None,
+    negative_prompt_template: str = "{findings}",
+    threshold: float = 0.5,
+    through_denoiser: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Remove one finding and keep the others: of the images of ``data`` (:func:`load_phantom_items`) with two or
+    more findings, each has one of them, drawn with ``seed``, targeted for removal (0) and the others left alone
+    (NaN), with the same conditioning as :func:`evaluate_counterfactuals` (with ``finding_phrases`` the negative
+    prompt names the chosen finding only). A healthy ``prompt`` removes the findings that are not targeted as well,
+    which :func:`evaluate_counterfactuals` cannot see; this measure does.
+
+    Returns:
+        ``{"num_images", "label_names", "removed", "others_kept", "removed_and_kept", "head_removed",
+        "head_others_kept", "removed_per_finding", "chosen"}``: ``removed`` is the fraction of images whose chosen
+        finding the *oracle* no longer sees (p < ``threshold``), ``others_kept`` the fraction where it still sees
+        every other finding the image has, ``removed_and_kept`` both; ``head_*`` the same by the joint head.
+
+    Raises:
+        ValueError: when no image has two findings, or ``guidance_scale`` is not finite.
+    """
+    if not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale}.")
+    labels = data["label"].float()
+    several = torch.nonzero((labels > 0.5).sum(dim=1) >= 2).flatten()
+    if len(several) == 0:
+        raise ValueError("targeted removal needs images with two or more findings; `data` has none.")
+    images, labels = data["image"][several].float(), labels[several]
+    present = labels > 0.5
+    generator = np.random.default_rng(seed)
+    chosen = torch.tensor([int(generator.choice(np.flatnonzero(row.numpy()))) for row in present])
+    chosen_mask = torch.nn.functional.one_hot(chosen, len(label_names)).bool()
+    target = torch.where(chosen_mask, torch.zeros_like(labels), torch.full_like(labels, math.nan))
+    network, autoencoder = network.to(device).eval(), autoencoder.to(device).eval()
+    with torch.no_grad():
+        empty = text_encoder.null_context(1).to(device)
+        conditioning = text_encoder([prompt]).to(device)
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch_target = target[start : start + batch_size]
+        hook = ClassifierGuidanceHook.from_joint(
+            network, inferer.scheduler, batch_target.to(device), classifier_context=empty,
+            guidance_scale=float(guidance_scale), through_denoiser=through_denoiser,
+        )  # fmt: skip
+        uncond = _guidance_contexts(
+            text_encoder, batch_target, empty, label_names, finding_phrases, negative_prompt_template
+        )
+        batch = images[start : start + batch_size].to(device)
+        parts.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).float().cpu())
+    counterfactual = torch.cat(parts)
+    others = present & ~chosen_mask
+    record: dict[str, Any] = {"num_images": int(len(images)), "label_names": list(label_names)}
+    readers = {
+        "": oracle_predict(oracle, counterfactual, batch_size, device)[0],
+        "head_": head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device),
+    }
+    for prefix, probabilities in readers.items():
+        seen = probabilities >= threshold
+        removed = ~seen[chosen_mask]
+        kept = (seen | ~others).all(dim=1)
+        record[f"{prefix}removed"] = float(removed.float().mean())
+        record[f"{prefix}others_kept"] = float(kept.float().mean())
+        if not prefix:
+            record["removed_and_kept"] = float((removed & kept).float().mean())
+            record["removed_per_finding"] = {
+                name: float(removed[chosen == k].float().mean()) if (chosen == k).any() else math.nan
+                for k, name in enumerate(label_names)
+            }
+    record["chosen"] = [label_names[k] for k in chosen.tolist()]
+    logger.info(
+        f"targeted removal of {len(images)} images: removed {record['removed']:.3f}, "
+        f"others kept {record['others_kept']:.3f} (head: {record['head_removed']:.3f}, "
+        f"{record['head_others_kept']:.3f})"
+    )
+    return record

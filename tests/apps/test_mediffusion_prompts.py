@@ -9,7 +9,7 @@ import unittest
 
 import torch
 
-from monai_cfx.apps.mediffusion import removal_prompts
+from monai_cfx.apps.mediffusion import evaluate_targeted_removal, removal_prompts
 
 LABELS = ["opacity", "effusion", "cardiomegaly", "nodule"]
 PHRASES = {
@@ -50,6 +50,17 @@ class TestRemovalPrompts(unittest.TestCase):
             removal_prompts(target, LABELS, PHRASES, "Chest radiograph with abnormalities.")
         with self.assertRaisesRegex(ValueError, r"\(B, 4\).*\(1, 3\)"):
             removal_prompts(torch.zeros(1, 3), LABELS, PHRASES, TEMPLATE)
+
+
+class TestTargetedRemovalInput(unittest.TestCase):
+    def test_refused_before_any_edit(self):
+        # no image has two findings: nothing to keep while one is removed
+        data = {"image": torch.zeros(3, 1, 8, 8), "label": torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0] * 4])}
+        arguments = dict(scale_factor=1.0, label_names=LABELS)
+        with self.assertRaisesRegex(ValueError, "two or more findings"):
+            evaluate_targeted_removal(None, None, None, None, None, data, guidance_scale=3.0, **arguments)
+        with self.assertRaisesRegex(ValueError, "guidance_scale.*nan"):
+            evaluate_targeted_removal(None, None, None, None, None, data, guidance_scale=NAN, **arguments)
 
 
 if __name__ == "__main__":

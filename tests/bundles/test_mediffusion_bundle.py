@@ -139,6 +139,23 @@ class TestMediffusionBundle2D(MediffusionCase):
         self.assertEqual(sweep["10"]["unet_evaluations_per_image"], 18)
         self.assertGreater(sweep["10"]["seconds_per_image"], 0)
 
+        # remove one finding and keep the others: the chest phantoms of the training split with two or more findings;
+        # the brain phantoms have one finding only, which is refused with nothing written
+        targeted = self.tmp / f"evaluate_targeted_{self.dims}"
+        arguments = [self.configs("inference", "evaluate_targeted"), "--model_dir", str(self.models),
+                     "--model_name", name, "--output_dir", str(targeted), "--data_list_key", "training",
+                     "--num_inference_steps", "10"]  # fmt: skip
+        if self.spatial_dims == 2:
+            self.run_ok(*arguments)
+            record = json.loads((targeted / "metrics.json").read_text())
+            self.assertEqual(len(record["chosen"]), record["num_images"])
+            self.assertGreater(record["num_images"], 0)
+            self.assertLessEqual(record["removed_and_kept"], min(record["removed"], record["others_kept"]))
+            self.assertEqual(record["settings"]["data_list_key"], "training")
+        else:
+            self.assertIn("two or more findings", self.run_fails(*arguments))
+            self.assertFalse(targeted.exists())
+
         # explanations of 2 held-out phantoms: counterfactual and difference map on the input's grid
         explained = self.tmp / f"explain_{self.dims}"
         self.run_ok(self.configs("inference"), *TINY_EXPLAIN, "--model_dir", str(self.models), "--model_name", name,

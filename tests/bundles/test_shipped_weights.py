@@ -112,6 +112,43 @@ class TestShippedJointNetwork(unittest.TestCase):
         self.assertGreaterEqual(sum(p < 0.5 for p in after), 3, msg=after)  # the head no longer sees it
         self.assertGreaterEqual(int((oracle_after[:, finding] < 0.5).sum()), 3, msg=oracle_after)
 
+    def test_targeted_removal_keeps_the_other_findings(self):
+        # remove one finding of unseen phantoms with two or more: a healthy prompt removes the others as well, a
+        # negative prompt that names the chosen finding keeps them (docs/README.md, "With the denoiser's own text
+        # guidance")
+        from monai_cfx.apps.mediffusion import evaluate_targeted_removal
+
+        data = PhantomDataset("chest", 120, seed=500_000, size=64)
+        several = [item for item in data if item["label"].sum() >= 2][:12]
+        inputs = {
+            "image": torch.stack([torch.as_tensor(item["image"]) for item in several]).float(),
+            "label": torch.stack([item["label"] for item in several]).float(),
+        }
+        oracle = load_bundle_config(default_bundle_dir(), ["configs/inference.json"], device="cpu")
+        oracle = oracle.get_parsed_content("load_oracle")
+        phrases = {"opacity": "an opacity", "effusion": "a pleural effusion", "cardiomegaly": "cardiomegaly",
+                   "nodule": "a nodule"}  # fmt: skip
+        measured = {}
+        for name, prompt, negative in (("healthy", "Normal chest radiograph.", None), ("negative", "", phrases)):
+            parser = load_bundle_config(
+                default_bundle_dir("mediffusion"), ["configs/inference.json"], device="cpu", prompt_guidance_scale=3.0
+            )
+            get = parser.get_parsed_content
+            measured[name] = evaluate_targeted_removal(
+                get("counterfactual_inferer"), get("network"), get("autoencoder"), get("text_encoder"), oracle,
+                inputs, scale_factor=get("scale_factor"), label_names=list(get("label_names")),
+                guidance_scale=get("guidance_scale"), prompt=prompt, finding_phrases=negative,
+                negative_prompt_template=get("negative_prompt_template"),
+            )  # fmt: skip
+        self.assertEqual(measured["healthy"]["num_images"], 12)
+        self.assertEqual(measured["healthy"]["chosen"], measured["negative"]["chosen"])  # the same draw
+        self.assertGreaterEqual(measured["healthy"]["removed"], 0.9, msg=measured)
+        self.assertLessEqual(measured["healthy"]["others_kept"], 0.25, msg=measured)
+        # on these 12 the negative prompt removes 0.58 and keeps 0.50 (docs: 0.83 / 0.83 on validation, 0.78 / 0.67
+        # on testing); the claim pinned here is the difference from the healthy prompt
+        self.assertGreaterEqual(measured["negative"]["removed"], 0.4, msg=measured)
+        self.assertGreaterEqual(measured["negative"]["others_kept"] - measured["healthy"]["others_kept"], 0.35)
+
 
 if __name__ == "__main__":
     unittest.main()
