@@ -121,9 +121,11 @@ class TrainingStateHandler:
     scheduler and the trainer engine itself under ``"trainer"``, whose ``state_dict`` is its epoch and iteration),
     the random states (torch's CPU generator, CUDA's when available, numpy's and Python's global ones, the
     ``generators`` and the numpy ``RandomState`` of each MONAI randomizable transform found in ``randomizables``),
-    the run's ``fingerprint`` and a format version. It is written every ``save_interval`` epochs and when the run
-    completes: ``torch.save`` into a temporary file in the same folder, flushed to disk, then ``os.replace`` onto
-    ``path``, so that a run killed while writing leaves the previous state whole.
+    the run's ``fingerprint`` and a format version. A trainer with mixed precision (MONAI's ``amp``) adds its
+    gradient scaler under ``"grad_scaler"``: the loss scale it has learnt is part of the run (a state saved without
+    one, e.g. on a CPU, resumes with a fresh scaler and a warning). It is written every ``save_interval`` epochs and
+    when the run completes: ``torch.save`` into a temporary file in the same folder, flushed to disk, then
+    ``os.replace`` onto ``path``, so that a run killed while writing leaves the previous state whole.
 
     When the engine starts and ``path`` exists (with ``resume``), the state is read with
     ``torch.load(..., weights_only=True)`` (no code is unpickled) and restored: every object, the trainer's epoch
@@ -205,6 +207,7 @@ class TrainingStateHandler:
         for obj in randomizables or []:
             _find_random_states(obj, self.random_states, seen)
         self._last_iteration: int | None = None  # of the state last saved or restored: not written twice
+        self._optional: set[str] = set()  # objects added at attach, which an older state may lack
 
     def attach(self, engine: Engine) -> None:
         """Resume when ``engine`` starts; save every ``save_interval`` epochs and when it completes.
@@ -212,6 +215,10 @@ class TrainingStateHandler:
         Args:
             engine: the trainer.
         """
+        scaler = getattr(engine, "scaler", None)  # MONAI's trainers hold a GradScaler when amp is on
+        if scaler is not None and "grad_scaler" not in self.save_dict:
+            self.save_dict["grad_scaler"] = scaler
+            self._optional.add("grad_scaler")
         engine.add_event_handler(Events.STARTED, self.restore)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
@@ -289,7 +296,7 @@ class TrainingStateHandler:
         objects, random_states = state["objects"], state["random"]
         if not isinstance(objects, Mapping) or not isinstance(random_states, (list, tuple)) or not random_states:
             raise ValueError(f"{where!r} is not a training state: its 'objects' or 'random' entry is malformed.")
-        missing = sorted(set(self.save_dict) - set(objects))
+        missing = sorted(set(self.save_dict) - set(objects) - self._optional)
         if missing:
             raise ValueError(f"the training state {where!r} lacks {missing} (it holds {sorted(objects)}).")
         return dict(state)
@@ -328,6 +335,9 @@ class TrainingStateHandler:
         prior_max_epochs = engine.state.max_epochs
         prior_max_iters = getattr(engine.state, "max_iters", None)
         for name, obj in self.save_dict.items():
+            if name not in state["objects"]:  # an optional object (the amp scaler) the saved run did not have
+                logger.warning(f"the training state {str(self.path)!r} has no {name!r}: it starts afresh")
+                continue
             try:
                 obj.load_state_dict(state["objects"][name])
             except Exception as error:

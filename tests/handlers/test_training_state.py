@@ -233,6 +233,42 @@ class TestTrainingStateRefusals(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "beyond this run's max_epochs"):
             run_tiny(self.path, {"seed": 0}, max_epochs=1)
 
+    def test_mixed_precision_scaler_is_saved_and_restored(self):
+        # MONAI's trainers hold a GradScaler with amp; its loss scale (here doubled every iteration) is part of the run
+        def run(max_epochs, with_scaler=True):
+            network = torch.nn.Linear(2, 1)
+            optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
+
+            def step(engine, batch):
+                optimizer.zero_grad()
+                loss = network(torch.full((1, 2), float(batch))).sum()
+                if engine.scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                    return
+                engine.scaler.scale(loss).backward()
+                engine.scaler.step(optimizer)
+                engine.scaler.update()
+
+            engine = Engine(step)
+            engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0, growth_interval=1) if with_scaler else None
+            TrainingStateHandler(self.path, {"network": network, "optimizer": optimizer, "trainer": engine}).attach(
+                engine
+            )
+            engine.run([1, 2, 3], max_epochs=max_epochs)
+            return engine
+
+        self.assertEqual(run(2).scaler.get_scale(), 2.0 * 2**6)
+        self.assertEqual(torch.load(self.path, weights_only=True)["objects"]["grad_scaler"]["scale"], 2.0 * 2**6)
+        self.assertEqual(run(3).scaler.get_scale(), 2.0 * 2**9)  # resumed at 2**6, not afresh at 2**0
+        # a state saved without a scaler (a CPU run) resumes with a fresh one, and says so
+        self.path.unlink()
+        run(1, with_scaler=False)
+        with self.assertLogs("monai_cfx.handlers.training_state", level="WARNING") as logs:
+            engine = run(2)
+        self.assertIn("no 'grad_scaler'", "\n".join(logs.output))
+        self.assertEqual(engine.scaler.get_scale(), 2.0 * 2**3)
+
     def test_other_fingerprint_is_refused_naming_the_file_and_keys(self):
         run_tiny(self.path, {"seed": 0, "batch_size": 4, "lr": 0.1})
         before = self.path.read_bytes()
