@@ -32,9 +32,11 @@ from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type
 
 from monai_cfx.networks.schedulers import (
+    TIMESTEP_SPACINGS,
     DDIMInverseScheduler,
     check_num_inference_steps,
     check_strength,
+    set_timestep_spacing,
     strength_steps,
 )
 from monai_cfx.networks.utils import (
@@ -105,6 +107,9 @@ class CounterfactualInferer(Inferer):
         guided_steps: classifier-free guidance on the first ``guided_steps`` denoising steps only (later steps run
             the target prompt's branch alone, one evaluation instead of two; :class:`GuidedStepsHook`); None
             guides every step.
+        timestep_spacing: ``"linspace"`` (MONAI's), ``"leading"`` (Stable Diffusion's; what a Stable Diffusion
+            fine-tune's scheduler config usually names) or ``"trailing"``
+            (:func:`~monai_cfx.networks.schedulers.set_timestep_spacing`; the last two need a DDIMScheduler).
         verbose: show tqdm progress bars.
 
     Example::
@@ -124,6 +129,7 @@ class CounterfactualInferer(Inferer):
         guidance_scale: float = 3.0,
         inversion_fixed_point_iterations: int = 0,
         guided_steps: int | None = None,
+        timestep_spacing: str = "linspace",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -147,6 +153,13 @@ class CounterfactualInferer(Inferer):
         self.inversion_fixed_point_iterations = inversion_fixed_point_iterations
         # checked here, so that a bad value fails before any model runs
         self.guided_steps = None if guided_steps is None else GuidedStepsHook(guided_steps).guided_steps
+        self.timestep_spacing = check_option("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if timestep_spacing != "linspace":
+            if not isinstance(scheduler, DDIMScheduler):
+                raise ValueError(
+                    f"`timestep_spacing={timestep_spacing!r}` needs a DDIMScheduler, got {type(scheduler).__name__}."
+                )
+            set_timestep_spacing(scheduler, self.num_inference_steps, timestep_spacing)  # refuses steps it cannot space
         self.verbose = verbose
 
     @staticmethod
@@ -295,7 +308,10 @@ class CounterfactualInferer(Inferer):
 
         with torch.no_grad():
             clean_latent = encode_mean(autoencoder_model, images) * self.scale_factor
-            self.scheduler.set_timesteps(self.num_inference_steps)
+            if self.timestep_spacing == "linspace":
+                self.scheduler.set_timesteps(self.num_inference_steps)
+            else:  # the inversion below reads the same (shared) schedule
+                set_timestep_spacing(self.scheduler, self.num_inference_steps, self.timestep_spacing)
             timesteps = self.scheduler.timesteps[self.num_inference_steps - num_steps :]
             trajectory: list[torch.Tensor] = []
             noise = None

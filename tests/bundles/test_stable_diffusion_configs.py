@@ -57,6 +57,16 @@ class TestCounterfactualOnStableDiffusion(StableDiffusionFolderCase):
                 np.testing.assert_allclose(saved.affine, scan.affine)
                 self.assertTrue(np.isfinite(np.asarray(saved.dataobj)).all())
 
+    def test_the_folders_timestep_spacing_reaches_the_inferer(self):
+        from monai_cfx.apps.bundle_config import load_bundle_config
+
+        configs = ["configs/inference.json", "configs/stable_diffusion.json"]
+        parser = load_bundle_config(BUNDLES / "counterfactual", configs, device="cpu", sd_path=str(self.sd))
+        # the tiny folder's scheduler config names no spacing: Stable Diffusion's leading one
+        self.assertEqual(parser.get_parsed_content("counterfactual_inferer").timestep_spacing, "leading")
+        parser = load_bundle_config(BUNDLES / "counterfactual", configs[:1], device="cpu")
+        self.assertEqual(parser.get_parsed_content("counterfactual_inferer").timestep_spacing, "linspace")
+
     def test_missing_or_wrong_folder_is_refused_with_nothing_written(self):
         for overrides, message in (
             ([], "no Stable Diffusion folder was given"),

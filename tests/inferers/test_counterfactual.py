@@ -74,6 +74,29 @@ class TestCounterfactualInferer(unittest.TestCase):
         error = (spy.latents[-1] - latent).norm() / latent.norm()
         self.assertLess(float(error), 0.01)
 
+    @parameterized.expand([["leading", "leading"], ["trailing", "trailing"]])
+    def test_spacing_of_stable_diffusion_schedules(self, _, spacing):
+        # the edit runs the tail of the spaced schedule, and the inversion the same steps back
+        autoencoder, unet = tiny_networks(2)
+        images, context = images_like(2), torch.randn(2, 3, CONTEXT_DIM)
+        visited = []
+
+        class Steps(SamplingHook):
+            def before_model(self, state):
+                visited.append(int(state.timestep))
+
+        edit = inferer(noise_strength=0.6, num_inference_steps=10, start="inversion", timestep_spacing=spacing)
+        expected = {"leading": [50, 40, 30, 20, 10, 0], "trailing": [59, 49, 39, 29, 19, 9]}[spacing]
+        spy = DecodeSpy(autoencoder)
+        edit(images, unet, autoencoder, context, context, hooks=[Steps()])
+        self.assertEqual(visited, expected)
+        with torch.no_grad():
+            latent = encode_mean(autoencoder, images) * SCALE
+        round_trip = inferer(noise_strength=1.0, num_inference_steps=50, start="inversion", timestep_spacing=spacing,
+                             inversion_fixed_point_iterations=3)  # fmt: skip
+        round_trip(images, unet, autoencoder, context, context)
+        self.assertLess(float((spy.latents[-1] - latent).norm() / latent.norm()), 0.01)
+
     def test_strength_and_seed(self):
         autoencoder, unet = tiny_networks(2)
         images = images_like(2)
@@ -248,6 +271,12 @@ class TestCounterfactualInferer(unittest.TestCase):
             inferer(num_inference_steps=True)
         with self.assertRaisesRegex(ValueError, "inversion_fixed_point_iterations"):
             inferer(inversion_fixed_point_iterations=-1)
+        with self.assertRaisesRegex(ValueError, "timestep_spacing"):
+            inferer(timestep_spacing="karras")
+        with self.assertRaisesRegex(ValueError, "`timestep_spacing='leading'` needs a DDIMScheduler"):
+            CounterfactualInferer(DDPMScheduler(num_train_timesteps=100), timestep_spacing="leading")
+        with self.assertRaisesRegex(ValueError, "must divide num_train_timesteps"):
+            inferer(num_inference_steps=30, timestep_spacing="trailing")
         with self.assertRaisesRegex(ValueError, "inputs"):
             inferer()(images[0], unet, autoencoder, context)
 
