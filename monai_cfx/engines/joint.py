@@ -531,8 +531,8 @@ class JointDiffusionInferer(DiffusionInferer):
     ``network.classify(clean, context=classifier_context)`` at ``t = 0``, where ``clean`` is ``classifier_latent``
     if given, else ``inputs``: the classifier reads the clean latent, never the noisy one, and never the report.
     With ``strong_augment`` (DiffMatch) it also returns the logits of the strong view of the unlabelled rows
-    (``~labelled``), ``(U, K)`` in batch order: ``(noise_prediction, logits, strong_logits)``.
-    ``sample`` is MONAI's (the network denoises as a plain UNet).
+    (``~labelled``), ``(U, K)`` in batch order: ``(noise_prediction, logits, strong_logits)``; both views go
+    through the head in one pass (``B + U`` rows). ``sample`` is MONAI's (the network denoises as a plain UNet).
 
     Args:
         scheduler: the training scheduler (``add_noise``).
@@ -578,13 +578,17 @@ class JointDiffusionInferer(DiffusionInferer):
         if self.classify_only:  # validation of the head: the denoiser's pass would be thrown away
             return network.classify(clean, context=classifier_context)
         noise_prediction = super().__call__(inputs, network, noise, timesteps, condition, mode=mode, seg=seg)
-        logits = network.classify(clean, context=classifier_context)
         if self.strong_augment is None or labelled is None:
-            return noise_prediction, logits
+            return noise_prediction, network.classify(clean, context=classifier_context)
         rows = ~labelled.bool()
-        context = classifier_context[rows] if classifier_context is not None else None
-        strong_logits = network.classify(self.strong_augment(clean[rows]), context=context)
-        return noise_prediction, logits, strong_logits
+        strong = self.strong_augment(clean[rows])
+        # one head pass over both views, as FixMatch's reference runs them: a batch-normalised head
+        # (classifier_norm="batch") then takes its statistics over one batch, and one unlabelled row is no batch of one
+        context = None
+        if classifier_context is not None:
+            context = torch.cat([classifier_context, classifier_context[rows]])
+        logits = network.classify(torch.cat([clean, strong]), context=context)
+        return noise_prediction, logits[: len(clean)], logits[len(clean) :]
 
 
 # ------------------------------------------------------------------------------------------------------------ losses

@@ -28,7 +28,7 @@ NUM_CLASSES = 3
 FAKE_CONTEXT_DIM = 4  # FakeTextEncoder's contexts are (3, 4)
 
 
-def tiny_joint_unet() -> JointDiffusionUNet:
+def tiny_joint_unet(**kwargs) -> JointDiffusionUNet:
     """A tiny JointDiffusionUNet on the tiny autoencoder's 2-channel latents, with cross-attention to FakeTextEncoder's
     contexts (4-d: unlike its 8 channels, so a missing context cannot fall back to self-attention)."""
     torch.manual_seed(0)
@@ -46,6 +46,7 @@ def tiny_joint_unet() -> JointDiffusionUNet:
         num_classes=NUM_CLASSES,
         classifier_hidden=16,
         classifier_dropout=0.0,
+        **kwargs,
     )
     with torch.no_grad():  # an untrained UNet outputs zeros and ignores its context: perturb the zero weights
         for parameter in unet.parameters():
@@ -430,6 +431,30 @@ class TestDiffMatch(unittest.TestCase):
         self.assertGreater(float(unet.head[3].weight.grad.abs().sum()), 0)
         with self.assertRaisesRegex(ValueError, "labelled"):
             inferer(inputs, unet, kwargs["noise"], kwargs["timesteps"], kwargs["condition"])
+
+    def test_one_unlabelled_row_with_a_batch_normalised_head(self):
+        # the weak and strong views go through the head in one pass: a single unlabelled row is no batch of one
+        autoencoder, unet = tiny_autoencoder(), tiny_joint_unet(classifier_norm="batch")
+        items, labelled, unlabelled = joint_dataset()
+        prepare = JointDiffusionPrepareBatch(autoencoder, FakeTextEncoder(), 1000)
+        inferer = JointDiffusionInferer(DDPMScheduler(1000), strong_augment=StrongLatentAugment(seed=0))
+        rows = labelled[:1] + unlabelled[:1]
+        batch = {
+            "image": torch.stack([items[i]["image"] for i in rows]),
+            "report": [items[i]["report"] for i in rows],
+            "label": torch.stack([torch.as_tensor(items[i]["label"]) for i in rows]),
+            "labelled": torch.tensor([items[i]["labelled"] for i in rows]),
+        }
+        inputs, target, args, kwargs = prepare(batch)
+        unet.train()
+        _, weak, strong = inferer(inputs, unet, *args, **kwargs)
+        self.assertEqual((tuple(weak.shape), tuple(strong.shape)), ((2, NUM_CLASSES), (1, NUM_CLASSES)))
+        # the same logits as classifying the three rows together (batch statistics over all three)
+        clean = inputs  # the clean latent (classifier_latent "sample", the default)
+        views = torch.cat([clean, StrongLatentAugment(seed=0)(clean[1:])])
+        context = kwargs["classifier_context"]
+        together = unet.classify(views, context=torch.cat([context, context[1:]]))
+        self.assertTrue(torch.allclose(torch.cat([weak, strong]), together, atol=1e-6))
 
     def test_strong_augment_is_seeded(self):
         latents = torch.randn(2, 2, 4, 4)
