@@ -521,6 +521,40 @@ def _guidance_contexts(
         return text_encoder(removal_prompts(target, label_names, finding_phrases, template)).to(empty.device)
 
 
+def _guided_edits(
+    inferer: CounterfactualInferer,
+    network: JointDiffusionUNet,
+    autoencoder: torch.nn.Module,
+    text_encoder: Any,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    conditioning: torch.Tensor,
+    empty: torch.Tensor,
+    *,
+    guidance_scale: float,
+    through_denoiser: bool,
+    label_names: Sequence[str],
+    finding_phrases: Mapping[str, str] | None,
+    template: str,
+    batch_size: int,
+    device: str | torch.device,
+) -> torch.Tensor:
+    """The counterfactuals of ``images`` (on the CPU, float) by ``inferer`` with the head's guidance towards
+    ``target`` (per finding: 0 remove, 1 induce, NaN leave), batch by batch; the head reads the empty prompt's context
+    ``empty``, the denoiser ``conditioning`` against the unconditional context of :func:`_guidance_contexts`."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch_target = target[start : start + batch_size].to(device)
+        hook = ClassifierGuidanceHook.from_joint(
+            network, inferer.scheduler, batch_target, classifier_context=empty,
+            guidance_scale=guidance_scale, through_denoiser=through_denoiser,
+        )  # fmt: skip
+        uncond = _guidance_contexts(text_encoder, batch_target, empty, label_names, finding_phrases, template)
+        batch = images[start : start + batch_size].to(device)
+        parts.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).float().cpu())
+    return torch.cat(parts)
+
+
 def explain_predictions(
     inferer: CounterfactualInferer,
     network: JointDiffusionUNet,
@@ -581,21 +615,12 @@ def explain_predictions(
         empty = text_encoder.null_context(1).to(device)
         conditioning = text_encoder([prompt]).to(device)
     before = head_probabilities(network, autoencoder, images, scale_factor, empty, batch_size, device)
-    counterfactuals = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        target = _removal_target(before[start : start + batch_size], decision_threshold).to(device)
-        hook = ClassifierGuidanceHook.from_joint(
-            network,
-            inferer.scheduler,
-            target,
-            classifier_context=empty,
-            guidance_scale=guidance_scale,
-            through_denoiser=through_denoiser,
-        )
-        uncond = _guidance_contexts(text_encoder, target, empty, label_names, finding_phrases, negative_prompt_template)
-        counterfactuals.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).cpu())
-    counterfactual = torch.cat(counterfactuals).float()
+    counterfactual = _guided_edits(
+        inferer, network, autoencoder, text_encoder, images, _removal_target(before, decision_threshold),
+        conditioning, empty, guidance_scale=guidance_scale, through_denoiser=through_denoiser,
+        label_names=label_names, finding_phrases=finding_phrases, template=negative_prompt_template,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
     after = head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device)
     spatial_dims = images.ndim - 2
     records = []
@@ -731,27 +756,15 @@ def evaluate_counterfactuals(
         passes[0] += int(args[0].shape[0])
 
     for scale in guidance_scales:
-        parts = []
         passes[0], started = 0, time.perf_counter()
         counter = network.conv_in.register_forward_pre_hook(count)
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            hook = ClassifierGuidanceHook.from_joint(
-                network,
-                inferer.scheduler,
-                target[start : start + batch_size].to(device),
-                classifier_context=empty,
-                guidance_scale=float(scale),
-                through_denoiser=through_denoiser,
-            )
-            batch_target = target[start : start + batch_size]
-            uncond = _guidance_contexts(
-                text_encoder, batch_target, empty, label_names, finding_phrases, negative_prompt_template
-            )
-            parts.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).float().cpu())
+        counterfactual = _guided_edits(
+            inferer, network, autoencoder, text_encoder, images, target, conditioning, empty,
+            guidance_scale=float(scale), through_denoiser=through_denoiser, label_names=label_names,
+            finding_phrases=finding_phrases, template=negative_prompt_template, batch_size=batch_size, device=device,
+        )  # fmt: skip
         counter.remove()
         seconds = time.perf_counter() - started
-        counterfactual = torch.cat(parts)
         head_after = head_probabilities(network, autoencoder, counterfactual, scale_factor, empty, batch_size, device)
         items = [
             {
@@ -839,19 +852,11 @@ def evaluate_targeted_removal(
     with torch.no_grad():
         empty = text_encoder.null_context(1).to(device)
         conditioning = text_encoder([prompt]).to(device)
-    parts = []
-    for start in range(0, len(images), batch_size):
-        batch_target = target[start : start + batch_size]
-        hook = ClassifierGuidanceHook.from_joint(
-            network, inferer.scheduler, batch_target.to(device), classifier_context=empty,
-            guidance_scale=float(guidance_scale), through_denoiser=through_denoiser,
-        )  # fmt: skip
-        uncond = _guidance_contexts(
-            text_encoder, batch_target, empty, label_names, finding_phrases, negative_prompt_template
-        )
-        batch = images[start : start + batch_size].to(device)
-        parts.append(inferer(batch, network, autoencoder, conditioning, uncond, hooks=[hook]).float().cpu())
-    counterfactual = torch.cat(parts)
+    counterfactual = _guided_edits(
+        inferer, network, autoencoder, text_encoder, images, target, conditioning, empty,
+        guidance_scale=guidance_scale, through_denoiser=through_denoiser, label_names=label_names,
+        finding_phrases=finding_phrases, template=negative_prompt_template, batch_size=batch_size, device=device,
+    )  # fmt: skip
     others = present & ~chosen_mask
     record: dict[str, Any] = {"num_images": int(len(images)), "label_names": list(label_names)}
     readers = {
