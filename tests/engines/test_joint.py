@@ -188,6 +188,16 @@ def joint_dataset(num: int = 12) -> tuple[list[dict], list[int], list[int]]:
     return mark_labelled(items, labelled), labelled, unlabelled
 
 
+def collate_rows(items: list[dict], rows: list[int]) -> dict:
+    """The batch of ``items[rows]`` as the joint prepare batch takes it."""
+    return {
+        "image": torch.stack([items[i]["image"] for i in rows]),
+        "report": [items[i]["report"] for i in rows],
+        "label": torch.stack([torch.as_tensor(items[i]["label"], dtype=torch.float32) for i in rows]),
+        "labelled": torch.tensor([items[i]["labelled"] for i in rows]),
+    }
+
+
 def forward_backward(unet, prepare, inferer, loss_function, batch, seed=0):
     """One seeded training step without the optimizer: the loss and the gradients by parameter name."""
     unet.zero_grad()
@@ -210,13 +220,7 @@ class TestJointTraining(unittest.TestCase):
         return JointDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, scale_factor=1.5, **kwargs)
 
     def batch(self, rows):
-        items = [self.items[i] for i in rows]
-        return {
-            "image": torch.stack([i["image"] for i in items]),
-            "report": [i["report"] for i in items],
-            "label": torch.stack([torch.as_tensor(i["label"], dtype=torch.float32) for i in items]),
-            "labelled": torch.tensor([i["labelled"] for i in items]),
-        }
+        return collate_rows(self.items, rows)
 
     def test_supervised_trainer(self):
         sampler = LabelledBatchSampler(self.labelled, self.unlabelled, labelled_per_batch=2, unlabelled_per_batch=2)
@@ -411,12 +415,7 @@ class TestDiffMatch(unittest.TestCase):
         inferer = JointDiffusionInferer(DDPMScheduler(1000), strong_augment=augment)
         loss_function = JointDiffusionLoss(diffmatch=DiffMatchLoss(threshold=0.51))
         rows = labelled[:2] + unlabelled[:3]
-        batch = {
-            "image": torch.stack([items[i]["image"] for i in rows]),
-            "report": [items[i]["report"] for i in rows],
-            "label": torch.stack([torch.as_tensor(items[i]["label"]) for i in rows]),
-            "labelled": torch.tensor([items[i]["labelled"] for i in rows]),
-        }
+        batch = collate_rows(items, rows)
         inputs, target, args, kwargs = prepare(batch)
         prediction = inferer(inputs, unet, *args, **kwargs)
         self.assertEqual(tuple(prediction[2].shape), (3, NUM_CLASSES))  # the strong view of the unlabelled rows
@@ -439,12 +438,7 @@ class TestDiffMatch(unittest.TestCase):
         prepare = JointDiffusionPrepareBatch(autoencoder, FakeTextEncoder(), 1000)
         inferer = JointDiffusionInferer(DDPMScheduler(1000), strong_augment=StrongLatentAugment(seed=0))
         rows = labelled[:1] + unlabelled[:1]
-        batch = {
-            "image": torch.stack([items[i]["image"] for i in rows]),
-            "report": [items[i]["report"] for i in rows],
-            "label": torch.stack([torch.as_tensor(items[i]["label"]) for i in rows]),
-            "labelled": torch.tensor([items[i]["labelled"] for i in rows]),
-        }
+        batch = collate_rows(items, rows)
         inputs, target, args, kwargs = prepare(batch)
         unet.train()
         _, weak, strong = inferer(inputs, unet, *args, **kwargs)
