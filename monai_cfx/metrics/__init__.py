@@ -24,6 +24,7 @@ from .distribution import (
 from .feature_distance import KIDMetric, compute_kid
 from .grounding import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
 from .latent import latent_shift
+from .reconstruction import compute_finding_contrast_kept
 from .traversal import (
     compute_cfrt,
     compute_identity_preservation,
@@ -38,6 +39,7 @@ __all__ = [
     "KID_SUBSET_SIZE",
     "compute_binned_auroc",
     "compute_cfrt",
+    "compute_finding_contrast_kept",
     "compute_cnr",
     "compute_counterfactual_validity",
     "compute_identity_preservation",
