@@ -63,12 +63,16 @@ class TestRelocatableBundles(unittest.TestCase):
 
     def test_copied_definitions_equal_the_latent_diffusion_bundles(self):
         for bundle in ("counterfactual", "phrase_grounding", "latent_drifting"):
-            for extra in ([], ["3d"]):
+            lesion = [["3d", "3d_lesion"]] if (BUNDLES / bundle / "configs" / "3d_lesion.json").is_file() else []
+            for extra in [[], ["3d"], *lesion]:
                 source = _raw("latent_diffusion", ["inference", *extra])
                 copy = _raw(bundle, ["inference", *extra])
                 if bundle == "phrase_grounding" and not extra:
                     source = _raw("latent_diffusion", ["inference", "attention_all_levels"])
-                for key in SHARED_DEFINITIONS + ["diffusion_attention_levels"]:
+                keys = SHARED_DEFINITIONS + ["diffusion_attention_levels"]
+                if "3d_lesion" in extra:  # the recipe's own weight files
+                    keys = keys + ["load_autoencoder_path", "load_diffusion_path", "scale_factor_path"]
+                for key in keys:
                     with self.subTest(bundle=bundle, extra=extra, key=key):
                         self.assertEqual(copy.get(key), source.get(key))
 
