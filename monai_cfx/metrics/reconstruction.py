@@ -45,10 +45,9 @@ def compute_finding_contrast_kept(
     voxels = inside.flatten(1).sum(1)
     if (voxels == 0).any() or (contrast == 0).any():
         raise ValueError("every image needs a non-empty mask over which it differs from its healthy twin.")
-    ratios = []
-    for image, twin, region in zip(images, healthy, inside):
+    kept = []
+    for image, twin, region in zip(images, healthy, inside):  # one pair at a time: a volume's memory at most
         pair = torch.stack([image, twin]).float()
         reconstructions = autoencoder.decode_stage_2_outputs(encode_mean(autoencoder, pair))
-        kept = (reconstructions[0] - reconstructions[1]).abs()[region].mean()
-        ratios.append(kept / (image - twin).abs()[region].mean())
-    return torch.stack(ratios)
+        kept.append(((reconstructions[0] - reconstructions[1]).abs() * region).sum())
+    return torch.stack(kept) / contrast  # the means over the same voxels: their sums' ratio
