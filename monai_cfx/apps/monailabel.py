@@ -26,7 +26,10 @@ refusals, the same writers, with the request's image as a one-item datalist; the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from monai.utils import optional_import
@@ -57,7 +60,9 @@ def BundleInferTask(  # noqa: N802 (a class factory: MONAI Label may be absent a
     runner: BundleRunner, labels: Sequence[str] | None = None, dimension: int = 2, description: str = ""
 ) -> Any:
     """A MONAI Label ``InferTask`` that runs ``runner`` (a bundle folder's configs) on the request's image and
-    returns ``(label path, result)``; ``labels``, ``dimension`` and ``description`` are MONAI Label's task info."""
+    returns ``(label path, result)``: the label is a file of its own in the temporary folder, which MONAI Label's
+    server deletes once sent; the run's other outputs are not kept (``result`` names them). ``labels``,
+    ``dimension`` and ``description`` are MONAI Label's task info."""
     base = _base_class()
 
     class _Task(base):  # type: ignore[misc, valid-type]
@@ -65,7 +70,21 @@ def BundleInferTask(  # noqa: N802 (a class factory: MONAI Label may be absent a
             return runner.is_valid()
 
         def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-            return runner(request)
+            label, result = runner(request)
+            # MONAI Label's server deletes the label file it is given once sent, nothing else: keep only that file
+            # and remove the run's temporary folder, so that each request leaves nothing behind
+            work = Path(result.pop("output_dir")).parent
+            suffix = "".join(Path(label).suffixes)
+            fd, kept = tempfile.mkstemp(prefix=f"monai_cfx_{runner.bundle_dir.name}_{runner.label_key}_", suffix=suffix)
+            os.close(fd)
+            try:
+                shutil.move(label, kept)
+            except BaseException:
+                os.unlink(kept)
+                raise
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return kept, result
 
     _Task.__name__ = _Task.__qualname__ = "BundleInferTask"
     task = _Task(
