@@ -26,11 +26,13 @@ from monai.metrics.rocauc import compute_roc_auc
 from monai_cfx.data import generate_phantom
 from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
 from monai_cfx.metrics import oracle_predict
+from monai_cfx.networks.utils import encode_mean
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
 __all__ = [
     "evaluate_generator",
     "evaluate_oracle",
+    "faithful_to_class",
     "finding_prompts",
     "generate_images",
     "save_generated",
@@ -159,6 +161,43 @@ def evaluate_oracle(
     return metrics
 
 
+def faithful_to_class(
+    probabilities: torch.Tensor, class_name: str, label_names: Sequence[str], exact: bool
+) -> torch.Tensor:
+    """Per image, whether the oracle's probabilities ``(N, K)`` agree with a prompt class: ``"normal"`` when it sees no
+    finding (p < 0.5 for all); a finding when it sees that finding (``exact`` false) or that finding and no other
+    (``exact`` true)."""
+    seen = probabilities > 0.5
+    if class_name == "normal":
+        return ~seen.any(dim=1)
+    index = list(label_names).index(class_name)
+    if not exact:
+        return seen[:, index]
+    others = torch.ones(seen.shape[1], dtype=torch.bool)
+    others[index] = False
+    return seen[:, index] & ~seen[:, others].any(dim=1)
+
+
+def _class_fidelity(probabilities: torch.Tensor, class_name: str, label_names: Sequence[str]) -> dict[str, float]:
+    return {
+        rule: float(faithful_to_class(probabilities, class_name, label_names, exact).float().mean())
+        for rule, exact in (("prompt_fidelity", False), ("prompt_fidelity_exact", True))
+    }
+
+
+def _reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, batch_size: int, device: Any) -> torch.Tensor:
+    autoencoder = autoencoder.to(device).eval()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                autoencoder.decode_stage_2_outputs(
+                    encode_mean(autoencoder, images[i : i + batch_size].to(device))
+                ).cpu()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+
+
 def evaluate_generator(
     generate: Any,
     oracle: torch.nn.Module,
@@ -171,21 +210,34 @@ def evaluate_generator(
     output_path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    reference_labels: torch.Tensor | None = None,
+    autoencoder: torch.nn.Module | None = None,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Prompt fidelity and FID of a text-to-image generator, judged by the oracle.
 
     Fidelity: for each finding, ``samples_per_prompt_class`` held-out single-finding reports are used as
     prompts, and fidelity is the fraction of those samples in which the oracle sees the finding
     (p > 0.5); for normal reports it is the fraction in which the oracle sees no finding.
+    ``prompt_fidelity_exact`` counts a sample only when the oracle sees the prompted finding and no other.
 
     FID: one sample per held-out subject, prompted with that subject's report, against the held-out
     images themselves (oracle embeddings), so both sets share the finding mix. With
     ``second_reference_images`` (e.g. the validation split), the FID between the two real sets is
     reported as the floor that finite samples alone give.
 
+    Ceilings, with ``reference_labels``: the same two rules applied to the held-out images of each class (normal, or
+    that one finding alone), as ``held_out_images``: how often the oracle agrees with real images; and with
+    ``autoencoder`` too, to those images' reconstructions (encoded to the posterior mean, decoded), as
+    ``autoencoder_reconstructions``: the most a generator that decodes through this autoencoder can score, since
+    every sample is a decoding.
+
     Args:
         generate: callable ``(prompts, seeds) -> images`` (e.g. ``functools.partial(generate_images, ...)``).
         reference_prompts: the reports of ``reference_images``, one per image.
+        reference_labels: ``(N, K)`` multi-hot findings of ``reference_images``, in the order of ``label_names``.
+        autoencoder: the generator's autoencoder (``decode_stage_2_outputs`` and an encoder).
+        batch_size: images per autoencoder call.
     """
     check_option("kind", kind, ("chest", "brain"))
     if len(reference_prompts) != len(reference_images):
@@ -194,21 +246,30 @@ def evaluate_generator(
             f"got {len(reference_prompts)}."
         )
     label_names = list(label_names)
-    fidelity = {}
+    if reference_labels is not None and tuple(reference_labels.shape) != (len(reference_images), len(label_names)):
+        raise ValueError(
+            f"`reference_labels` must be ({len(reference_images)}, {len(label_names)}): one multi-hot row per "
+            f"reference image over {label_names}, got {tuple(reference_labels.shape)}."
+        )
+    if autoencoder is not None and reference_labels is None:
+        raise ValueError("`autoencoder` reconstructs the held-out images of each class: give `reference_labels` too.")
+    fidelity, fidelity_exact = {}, {}
     for class_index, (name, class_prompts) in enumerate(
         finding_prompts(kind, label_names, samples_per_prompt_class).items()
     ):
         seeds = [1000 * (class_index + 1) + i for i in range(len(class_prompts))]
         probabilities, _ = oracle_predict(oracle, generate(class_prompts, seeds), device=device)
-        if name == "normal":
-            fidelity[name] = float((probabilities < 0.5).all(dim=1).float().mean())
-        else:
-            fidelity[name] = float((probabilities[:, label_names.index(name)] > 0.5).float().mean())
+        class_fidelity = _class_fidelity(probabilities, name, label_names)
+        fidelity[name], fidelity_exact[name] = (
+            class_fidelity["prompt_fidelity"],
+            class_fidelity["prompt_fidelity_exact"],
+        )
     generated = generate(list(reference_prompts), list(range(len(reference_prompts))))
     _, generated_embeddings = oracle_predict(oracle, generated, device=device)
-    _, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
+    reference_probabilities, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
     metrics: dict[str, Any] = {
         "prompt_fidelity": fidelity,
+        "prompt_fidelity_exact": fidelity_exact,
         "fid_oracle_features": float(FIDMetric()(generated_embeddings.double(), reference_embeddings.double())),
         "samples_per_prompt_class": samples_per_prompt_class,
         "num_reference_images": int(len(reference_images)),
@@ -216,6 +277,28 @@ def evaluate_generator(
     if second_reference_images is not None:
         _, second_embeddings = oracle_predict(oracle, second_reference_images, device=device)
         metrics["fid_real_vs_real"] = float(FIDMetric()(second_embeddings.double(), reference_embeddings.double()))
+    if reference_labels is not None:
+        present = reference_labels > 0.5
+        members = {"normal": ~present.any(dim=1)}
+        for index, name in enumerate(label_names):  # that finding alone, as the single-finding prompts describe
+            members[name] = present[:, index] & (present.sum(dim=1) == 1)
+        members = {name: rows for name, rows in members.items() if rows.any()}
+        ceilings: dict[str, Any] = {"num_images": {name: int(rows.sum()) for name, rows in members.items()}}
+        sources = {"held_out_images": lambda rows: reference_probabilities[rows]}
+        if autoencoder is not None:
+            selected = torch.stack(list(members.values())).any(dim=0)
+            reconstructed = torch.zeros_like(reference_probabilities)
+            reconstructed[selected], _ = oracle_predict(
+                oracle, _reconstruct(autoencoder, reference_images[selected], batch_size, device), device=device
+            )
+            sources["autoencoder_reconstructions"] = lambda rows: reconstructed[rows]
+        for source, probabilities_of in sources.items():
+            per_class = {
+                name: _class_fidelity(probabilities_of(rows), name, label_names) for name, rows in members.items()
+            }
+            ceilings[source] = {rule: {name: value[rule] for name, value in per_class.items()} for rule in
+                                ("prompt_fidelity", "prompt_fidelity_exact")}  # fmt: skip
+        metrics["fidelity_ceilings"] = ceilings
     if output_path is not None:
         write_json(metrics, output_path, overwrite=overwrite)
     return metrics

@@ -99,6 +99,60 @@ class TestGeneratorEvaluation(unittest.TestCase):
             evaluate_generator(always_opacity, ChannelOracle(), references, ["x"], "chest", LABELS)
 
 
+class NoduleDrawingAutoencoder(torch.nn.Module):
+    """Keeps the image but draws a nodule into every reconstruction (a decoder artifact the oracle reads)."""
+
+    def encode(self, images):
+        return images, torch.zeros_like(images)
+
+    def sampling(self, z_mu, z_sigma):
+        return z_mu
+
+    def decode_stage_2_outputs(self, latents):
+        drawn = latents.clone()
+        drawn[..., 12:16] = drawn[..., 12:16] + 0.8
+        return drawn
+
+
+class TestFidelityRulesAndCeilings(unittest.TestCase):
+    def test_exact_rule_and_the_ceilings_of_real_images_and_of_their_reconstructions(self):
+        # a generator that adds a nodule to what it is asked for: loosely faithful, never exactly
+        def with_nodule(prompts, seeds):
+            wanted = [[n for n in LABELS if n in p.lower()] for p in prompts]
+            return torch.stack([image_with(sorted({*w, "nodule"}), s) for w, s in zip(wanted, seeds)])
+
+        combos = [[], [], ["opacity"], ["opacity"], ["effusion", "nodule"], ["nodule"]]
+        references = torch.stack([image_with(c, 300 + i) for i, c in enumerate(combos)])
+        labels = torch.tensor([[float(n in c) for n in LABELS] for c in combos])
+        prompts = [f"Chest radiograph with {' and '.join(c) or 'nothing'}." for c in combos]
+        metrics = evaluate_generator(
+            with_nodule, ChannelOracle(), references, prompts, "chest", LABELS, samples_per_prompt_class=2,
+            reference_labels=labels, autoencoder=NoduleDrawingAutoencoder(), batch_size=4,
+        )  # fmt: skip
+        self.assertEqual(metrics["prompt_fidelity"]["opacity"], 1.0)
+        self.assertEqual(metrics["prompt_fidelity_exact"]["opacity"], 0.0)
+        self.assertEqual(metrics["prompt_fidelity_exact"]["nodule"], 1.0)
+        self.assertEqual(metrics["prompt_fidelity"]["normal"], 0.0)
+        ceilings = metrics["fidelity_ceilings"]
+        # classes with held-out images of that finding alone; the two-finding image belongs to none
+        self.assertEqual(ceilings["num_images"], {"normal": 2, "opacity": 2, "nodule": 1})
+        self.assertEqual(
+            ceilings["held_out_images"]["prompt_fidelity_exact"], {"normal": 1.0, "opacity": 1.0, "nodule": 1.0}
+        )
+        reconstructed = ceilings["autoencoder_reconstructions"]
+        self.assertEqual(reconstructed["prompt_fidelity"], {"normal": 0.0, "opacity": 1.0, "nodule": 1.0})
+        self.assertEqual(reconstructed["prompt_fidelity_exact"], {"normal": 0.0, "opacity": 0.0, "nodule": 1.0})
+
+    def test_refusals(self):
+        references = torch.stack([image_with([], i) for i in range(3)])
+        with self.assertRaisesRegex(ValueError, "reference_labels"):
+            evaluate_generator(lambda p, s: references[: len(p)], ChannelOracle(), references, ["a"] * 3, "chest",
+                               LABELS, reference_labels=torch.zeros(3, 2))  # fmt: skip
+        with self.assertRaisesRegex(ValueError, "autoencoder"):
+            evaluate_generator(lambda p, s: references[: len(p)], ChannelOracle(), references, ["a"] * 3, "chest",
+                               LABELS, autoencoder=NoduleDrawingAutoencoder())  # fmt: skip
+
+
 class TestSaveGenerated(unittest.TestCase):
     def test_writes_nifti_png_and_prompts_with_affine(self):
         affine = phantom_affine("chest", 32)

@@ -89,6 +89,9 @@ class TestBundle2D(BundleCase):
         for value in metrics["generator"]["prompt_fidelity"].values():
             self.assertTrue(0.0 <= value <= 1.0)
         self.assertGreaterEqual(metrics["generator"]["fid_oracle_features"], 0.0)
+        ceilings = metrics["generator"]["fidelity_ceilings"]
+        self.assertEqual(set(ceilings), {"num_images", "held_out_images", "autoencoder_reconstructions"})
+        self.assertIn("normal", ceilings["autoencoder_reconstructions"]["prompt_fidelity_exact"])
 
         # a checkpoint for another architecture is refused with the file's name
         wrong = run_bundle(
