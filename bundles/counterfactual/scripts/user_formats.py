@@ -5,7 +5,8 @@ and a 1 mm brain NIfTI (200^3), runs both bundles' inference.json on them with -
 working directory, and prints, per scan and bundle, the output's shape and affine against the scan's and the
 localisation AUROC of the difference map (or heat map) against the phantom's own finding mask on the scan's grid.
 
-    python bundles/counterfactual/scripts/user_formats.py [--out /tmp/user_formats] [--small]
+    python bundles/counterfactual/scripts/user_formats.py [--out /tmp/user_formats] [--small] [--per_format 20] \
+        [--only volumes] [--volume_configs 3d.json 3d_lesion.json]
 
 ``--small`` uses 256^2, 128^2 and a 3 mm 64^3 brain (what tests/bundles/test_user_formats.py runs).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -59,31 +61,39 @@ def write_dicom(path: Path, image: np.ndarray, spacing: float) -> None:
     ds.save_as(str(path), enforce_file_format=True)
 
 
-def write_scans(folder: Path, small: bool) -> list[dict]:
-    """Abnormal held-out phantoms (seeds from 1850, the bundles' testing split) in the three formats, with their
-    finding masks and a phrase for grounding; returns the datalist items."""
+def _one_finding(kind: str, seeds: range, size: int, count: int) -> list[dict]:
+    """The first ``count`` phantoms of ``seeds`` with exactly one finding."""
+    subjects = []
+    for seed in seeds:
+        subject = generate_phantom(kind, seed, size)
+        if len(subject["findings"]) == 1:
+            subjects.append(subject)
+            if len(subjects) == count:
+                return subjects
+    raise ValueError(f"only {len(subjects)} one-finding {kind} phantoms in seeds {seeds}, {count} asked for.")
+
+
+def write_scans(folder: Path, small: bool, per_format: int = 1) -> list[dict]:
+    """Abnormal held-out phantoms (seeds from the bundles' testing splits: 1850 on in 2D, 900 on in 3D), ``per_format``
+    of each format, with their finding masks and a phrase for grounding; returns the datalist items."""
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     png_size, dicom_size, brain_size = (256, 128, 64) if small else (2048, 512, 200)
-    chest = next(
-        s for s in (generate_phantom("chest", seed, png_size) for seed in range(1850, 1900)) if len(s["findings"]) == 1
-    )
-    Image.fromarray(np.round(chest["image"][0] * 65535).astype(np.uint16).T).save(folder / "chest_16bit.png")
-    items.append(
-        dict(image="chest_16bit.png", mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0])
-    )
-    chest = next(
-        s
-        for s in (generate_phantom("chest", seed, dicom_size) for seed in range(1860, 1900))
-        if len(s["findings"]) == 1
-    )
-    write_dicom(folder / "chest.dcm", chest["image"][0], spacing=350.0 / dicom_size)
-    items.append(dict(image="chest.dcm", mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
-    brain = next(
-        s for s in (generate_phantom("brain", seed, brain_size) for seed in range(950, 1000)) if len(s["findings"]) == 1
-    )
-    nib.save(nib.Nifti1Image(brain["image"][0].astype(np.float32) * 1800.0, brain["affine"]), folder / "brain.nii.gz")
-    items.append(dict(image="brain.nii.gz", mask=brain["mask"][0], report=brain["report"], phrase=brain["phrases"][0]))
+    suffix = (lambda index: "") if per_format == 1 else (lambda index: f"_{index}")
+    for index, chest in enumerate(_one_finding("chest", range(1850, 2000), png_size, per_format)):
+        name = f"chest_16bit{suffix(index)}.png"
+        Image.fromarray(np.round(chest["image"][0] * 65535).astype(np.uint16).T).save(folder / name)
+        items.append(dict(image=name, mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
+    for index, chest in enumerate(_one_finding("chest", range(1860, 2000), dicom_size, per_format)):
+        name = f"chest{suffix(index)}.dcm"
+        write_dicom(folder / name, chest["image"][0], spacing=350.0 / dicom_size)
+        items.append(dict(image=name, mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
+    for index, brain in enumerate(
+        _one_finding("brain", range(950 if per_format == 1 else 900, 1000), brain_size, per_format)
+    ):
+        name = f"brain{suffix(index)}.nii.gz"
+        nib.save(nib.Nifti1Image(brain["image"][0].astype(np.float32) * 1800.0, brain["affine"]), folder / name)
+        items.append(dict(image=name, mask=brain["mask"][0], report=brain["report"], phrase=brain["phrases"][0]))
     return items
 
 
@@ -101,9 +111,9 @@ def run_bundle(bundle: str, configs: list[str], datalist: Path, out: Path, cwd: 
     return time.perf_counter() - start
 
 
-def measure(items: list[dict], folder: Path, out: Path) -> list[dict]:
-    """Run both bundles on the scans (one run per bundle for the 2D scans, one for the volume); return one row per
-    scan and bundle."""
+def measure(items: list[dict], folder: Path, out: Path, volume_configs: tuple[str, ...] = ("3d.json",)) -> list[dict]:
+    """Run both bundles on the scans (one run per bundle for the 2D scans, one for the volumes, with
+    ``volume_configs`` merged after ``inference.json``); return one row per scan and bundle."""
     rows = []
     for volume in (False, True):
         group = [item for item in items if item["image"].endswith(".nii.gz") == volume]
@@ -120,7 +130,7 @@ def measure(items: list[dict], folder: Path, out: Path) -> list[dict]:
             target = out / f"{bundle}_{name}"
             with tempfile.TemporaryDirectory() as elsewhere:
                 seconds = run_bundle(
-                    bundle, ["inference.json", *(["3d.json"] if volume else [])], datalist, target, Path(elsewhere)
+                    bundle, ["inference.json", *(volume_configs if volume else ())], datalist, target, Path(elsewhere)
                 )
             records = {Path(r["image"]).name: r for r in json.loads((target / manifest).read_text())}
             for item in group:
@@ -151,11 +161,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/user_formats")
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--per_format", type=int, default=1, help="held-out phantoms per format (summary: their mean)")
+    parser.add_argument("--only", choices=["radiographs", "volumes"], default=None, help="one kind of scan only")
+    parser.add_argument(
+        "--volume_configs", nargs="+", default=["3d.json"], help="merged after inference.json for the volumes, e.g. "
+        "3d.json 3d_lesion.json (the latent diffusion bundle's 3D lesion recipe)"
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.per_format < 1:
+        raise ValueError(f"--per_format must be at least 1, got {args.per_format}.")
     out = Path(args.out)
-    items = write_scans(out / "scans", args.small)
-    rows = measure(items, out / "scans", out)
-    (out / "user_formats.json").write_text(json.dumps(rows, indent=2))
+    items = write_scans(out / "scans", args.small, args.per_format)
+    if args.only:
+        items = [item for item in items if item["image"].endswith(".nii.gz") == (args.only == "volumes")]
+    rows = measure(items, out / "scans", out, tuple(args.volume_configs))
+    summary = {}
+    for row in rows:
+        key = f"{re.sub(r'_[0-9]+(?=[.])', '', row['scan'])} {row['bundle']}"  # the format, without the index
+        summary.setdefault(key, []).append(row["auroc"])
+    summary = {
+        key: {"n": len(v), "auroc_mean": round(float(np.mean(v)), 3), "auroc_median": round(float(np.median(v)), 3)}
+        for key, v in summary.items()
+    }
+    print(json.dumps(summary, indent=1))
+    (out / "user_formats.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":
