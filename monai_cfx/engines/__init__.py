@@ -41,6 +41,7 @@ from .latent_diffusion import (
     LatentDiffusionPrepareBatch,
     ReconstructionPrepareBatch,
     compute_scale_factor,
+    phrases_by_report,
 )
 
 __all__ = [
@@ -67,5 +68,6 @@ __all__ = [
     "labelled_split",
     "load_finetuned",
     "mark_labelled",
+    "phrases_by_report",
     "prompt_with_token",
 ]

@@ -30,7 +30,13 @@ from monai.utils import CommonKeys
 
 from monai_cfx.utils import check_option
 
-__all__ = ["AutoencoderKLLoss", "LatentDiffusionPrepareBatch", "ReconstructionPrepareBatch", "compute_scale_factor"]
+__all__ = [
+    "AutoencoderKLLoss",
+    "LatentDiffusionPrepareBatch",
+    "ReconstructionPrepareBatch",
+    "compute_scale_factor",
+    "phrases_by_report",
+]
 
 
 class ReconstructionPrepareBatch(PrepareBatch):
@@ -102,8 +108,11 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     the images when those keys are absent), draws noise and timesteps on them (MONAI's
     ``DiffusionPrepareBatch``), and encodes the batch's prompts with the text encoder.
     A fraction ``condition_drop_prob`` of the prompts is replaced by the empty prompt, so the model
-    also learns the unconditional branch that classifier-free guidance needs. Prompt contexts are
-    cached: training sets repeat their reports, and the text encoder is frozen.
+    also learns the unconditional branch that classifier-free guidance needs. With ``phrase_prompts``, a fraction
+    ``phrase_prompt_prob`` of the reports that have phrases is replaced first by one of their phrases, drawn at
+    random ("large left pleural effusion" for a report that names it among others), so the model also learns each
+    finding from its phrase alone, as phrase grounding prompts it. Prompt contexts are cached: training sets repeat
+    their reports, and the text encoder is frozen.
 
     Returns ``(latents, target, (), {"noise", "timesteps", "condition"})`` for MONAI's ``DiffusionInferer``.
 
@@ -116,7 +125,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         prediction_type: ``"epsilon"`` or ``"v_prediction"``: what the model regresses.
         text_key: batch key of the prompts (a list of strings).
         condition_drop_prob: probability of replacing a prompt by ``""``.
-        seed: seed of the prompt-dropout generator.
+        seed: seed of the prompt-dropout generator (which also draws the phrase prompts).
+        phrase_prompts: report -> the phrases of its findings (e.g. from a datalist's ``phrases``); reports that are
+            not keys, or have no phrases, are always kept.
+        phrase_prompt_prob: probability of replacing a report that has phrases by one of them.
         image_key: batch key of the images (cached posteriors are ``<image_key>_z_mu`` and ``_z_sigma``).
         drift_inferer: the trainer's ``monai_cfx.inferers.DriftDiffusionInferer`` for Latent Drifting: it adds
             the drift δ to the noise it is given, and the target becomes its ``training_target`` (``ε + δ``,
@@ -143,6 +155,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         seed: int = 0,
         image_key: str = "image",
         drift_inferer: Any | None = None,
+        phrase_prompts: Mapping[str, Sequence[str]] | None = None,
+        phrase_prompt_prob: float = 0.0,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
         if drift_inferer is not None:
@@ -165,6 +179,17 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             raise ValueError("`scheduler` is required for prediction_type='v_prediction' (it computes the velocity).")
         if not 0.0 <= condition_drop_prob <= 1.0:
             raise ValueError(f"`condition_drop_prob` must be in [0, 1], got {condition_drop_prob}.")
+        if not 0.0 <= phrase_prompt_prob <= 1.0:
+            raise ValueError(f"`phrase_prompt_prob` must be in [0, 1], got {phrase_prompt_prob}.")
+        self.phrase_prompts = {
+            str(report): [str(p) for p in phrases] for report, phrases in (phrase_prompts or {}).items()
+        }
+        if phrase_prompt_prob > 0 and not any(self.phrase_prompts.values()):
+            raise ValueError(
+                f"`phrase_prompt_prob` is {phrase_prompt_prob} but `phrase_prompts` gives no report a phrase: pass "
+                "report -> phrases (e.g. from the datalist's 'phrases'), or set phrase_prompt_prob to 0."
+            )
+        self.phrase_prompt_prob = phrase_prompt_prob
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.scale_factor = float(scale_factor)
@@ -244,6 +269,13 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         """The trainer's batch for scaled ``latents`` and their ``prompts``: prompt dropout, contexts, noise,
         timesteps and the loss target."""
+        if self.phrase_prompt_prob > 0:  # no draw otherwise: runs without phrase prompts keep their random stream
+            swapped = torch.rand(len(prompts), generator=self._generator) < self.phrase_prompt_prob
+            picks = torch.rand(len(prompts), generator=self._generator)
+            prompts = [
+                phrases[int(pick * len(phrases))] if swap and (phrases := self.phrase_prompts.get(prompt)) else prompt
+                for prompt, swap, pick in zip(prompts, swapped.tolist(), picks.tolist())
+            ]
         dropped = torch.rand(len(prompts), generator=self._generator) < self.condition_drop_prob
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
         condition = self.text_contexts(prompts).to(device, non_blocking=non_blocking)
@@ -251,6 +283,21 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         timesteps = self.get_timesteps(latents)
         target = self.get_target(latents, noise, timesteps)
         return latents, target, (), {"noise": noise, "timesteps": timesteps, "condition": condition}
+
+
+def phrases_by_report(
+    items: Iterable[Mapping[str, Any]], report_key: str = "report", phrases_key: str = "phrases"
+) -> dict[str, list[str]]:
+    """Report -> the phrases of its findings, from datalist items (``LatentDiffusionPrepareBatch``'s
+    ``phrase_prompts``). A phrase is a string or a dict with ``"text"`` (as the phantom datalists write them); items
+    without phrases are left out, and a report that comes with several lists gets each phrase once."""
+    mapping: dict[str, list[str]] = {}
+    for item in items:
+        phrases = [p["text"] if isinstance(p, Mapping) else str(p) for p in item.get(phrases_key) or []]
+        if phrases:
+            known = mapping.setdefault(str(item[report_key]), [])
+            known.extend(phrase for phrase in phrases if phrase not in known)
+    return mapping
 
 
 def compute_scale_factor(

@@ -11,6 +11,7 @@ from monai_cfx.engines import (
     LatentDiffusionPrepareBatch,
     ReconstructionPrepareBatch,
     compute_scale_factor,
+    phrases_by_report,
 )
 from monai_cfx.inferers import DriftDiffusionInferer
 from monai_cfx.transforms import EncodeLatentd
@@ -82,6 +83,45 @@ class TestLatentDiffusionPrepareBatch(unittest.TestCase):
         prepare = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.1)
         dropped = [(prepare(self.batch)[3]["condition"][:, 0, 0] == 0).float().mean() for _ in range(200)]
         self.assertAlmostEqual(float(torch.stack(dropped).mean()), 0.1, delta=0.03)
+
+    def test_phrase_prompts_replace_reports_that_have_phrases(self):
+        batch = {"image": torch.rand(4, 1, 8, 8), "report": ["a b", "ccc", "a b", "ccc"]}
+        items = [
+            {"report": "a b", "phrases": [{"text": "xxxx"}, {"text": "yyyyy"}]},
+            {"report": "a b", "phrases": [{"text": "yyyyy"}]},
+            {"report": "ccc", "phrases": []},
+        ]
+        phrases = phrases_by_report(items)
+        self.assertEqual(phrases, {"a b": ["xxxx", "yyyyy"]})
+
+        def lengths(prepare, calls):
+            return [prepare(batch)[3]["condition"][:, 0, 0].tolist() for _ in range(calls)]
+
+        always = LatentDiffusionPrepareBatch(
+            self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.0, phrase_prompts=phrases,
+            phrase_prompt_prob=1.0,
+        )  # fmt: skip
+        seen = torch.tensor(lengths(always, 100))
+        self.assertTrue((seen[:, 1::2] == 3).all())  # a report without phrases is kept
+        reports = seen[:, 0::2]
+        self.assertTrue(((reports == 4) | (reports == 5)).all())  # always one of its phrases
+        self.assertAlmostEqual(float((reports == 4).float().mean()), 0.5, delta=0.1)  # each phrase as often
+        half = LatentDiffusionPrepareBatch(
+            self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.0, phrase_prompts=phrases,
+            phrase_prompt_prob=0.5,
+        )  # fmt: skip
+        kept = (torch.tensor(lengths(half, 200))[:, 0::2] == 3).float().mean()
+        self.assertAlmostEqual(float(kept), 0.5, delta=0.07)
+        # probability 0 draws nothing: the prompt dropout stream is that of a run without phrase prompts
+        plain = LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.5, seed=3)
+        unused = LatentDiffusionPrepareBatch(
+            self.autoencoder, FakeTextEncoder(), 1000, condition_drop_prob=0.5, seed=3, phrase_prompts=phrases
+        )
+        self.assertEqual(lengths(plain, 20), lengths(unused, 20))
+        with self.assertRaisesRegex(ValueError, "phrase_prompt_prob"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, phrase_prompt_prob=1.5)
+        with self.assertRaisesRegex(ValueError, "no report a phrase"):
+            LatentDiffusionPrepareBatch(self.autoencoder, FakeTextEncoder(), 1000, phrase_prompt_prob=0.5)
 
     def test_v_prediction_target(self):
         scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")

@@ -8,7 +8,8 @@ drawn from seed 700,000 on (no split of the bundle uses them), one finding each.
     python bundles/latent_diffusion/scripts/lesion_contrast.py --dims 3d [--model_dir <folder>] \
         [--override autoencoder_channels=[16,32]]
 
-``--dims 3d_lesion`` measures the autoencoder of ``configs/3d_lesion.json`` (merged after ``configs/3d.json``).
+``--dims 3d_lesion`` measures the autoencoder of ``configs/3d_lesion.json`` (merged after ``configs/3d.json``), and
+``--dims 2d_lesion`` that of ``configs/2d_lesion.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from monai_cfx.metrics import compute_finding_contrast_kept
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", default="3d", choices=["2d", "3d", "3d_lesion"])
+    parser.add_argument("--dims", default="3d", choices=["2d", "3d", "2d_lesion", "3d_lesion"])
     parser.add_argument(
         "--model_dir", default=None, help="folder of the autoencoder's weights (default: the shipped ones)"
     )
@@ -37,7 +38,7 @@ def main() -> None:
     if args.model_dir:
         overrides["model_dir"] = args.model_dir
     configs = ["configs/inference.json"] + (["configs/3d.json"] if args.dims.startswith("3d") else [])
-    configs += ["configs/3d_lesion.json"] if args.dims == "3d_lesion" else []
+    configs += [f"configs/{args.dims}.json"] if args.dims.endswith("_lesion") else []
     config = load_bundle_config(default_bundle_dir(), configs, device="cpu", **overrides)
     autoencoder = config.get_parsed_content("load_autoencoder").eval()
     kind, size = config.get_parsed_content("kind"), config.get_parsed_content("image_size")
