@@ -25,7 +25,7 @@ from monai.metrics.rocauc import compute_roc_auc
 
 from monai_cfx.data import generate_phantom
 from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
-from monai_cfx.metrics import oracle_predict
+from monai_cfx.metrics import compute_off_manifold_fraction, oracle_predict
 from monai_cfx.networks.utils import encode_mean
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
@@ -213,6 +213,7 @@ def evaluate_generator(
     reference_labels: torch.Tensor | None = None,
     autoencoder: torch.nn.Module | None = None,
     batch_size: int = 8,
+    off_manifold_k: int = 5,
 ) -> dict[str, Any]:
     """Prompt fidelity and FID of a text-to-image generator, judged by the oracle.
 
@@ -226,6 +227,12 @@ def evaluate_generator(
     ``second_reference_images`` (e.g. the validation split), the FID between the two real sets is
     reported as the floor that finite samples alone give.
 
+    Off the manifold: of the same samples, the fraction in none of the testing images' ``off_manifold_k``-nearest-
+    neighbour balls, in voxel space (:func:`~monai_cfx.metrics.compute_off_manifold_fraction`; ``off_manifold_samples``:
+    their indices, which are their seeds), with the validation images' fraction as the floor. In voxel space, not
+    oracle features: a chest texture without anatomy can look like an opacity to a finding classifier, not to a
+    comparison with every scan.
+
     Ceilings, with ``reference_labels``: the same two rules applied to the held-out images of each class (normal, or
     that one finding alone), as ``held_out_images``: how often the oracle agrees with real images; and with
     ``autoencoder`` too, to those images' reconstructions (encoded to the posterior mean, decoded), as
@@ -238,8 +245,14 @@ def evaluate_generator(
         reference_labels: ``(N, K)`` multi-hot findings of ``reference_images``, in the order of ``label_names``.
         autoencoder: the generator's autoencoder (``decode_stage_2_outputs`` and an encoder).
         batch_size: images per autoencoder call.
+        off_manifold_k: the neighbour that sets each testing image's ball (5: 2.5 % of the 2D validation images fall
+            outside, 3: 5.5 %).
     """
     check_option("kind", kind, ("chest", "brain"))
+    if len(reference_images) < 2:
+        raise ValueError(
+            f"`reference_images` needs at least 2 images (FID, the manifold), got {len(reference_images)}."
+        )
     if len(reference_prompts) != len(reference_images):
         raise ValueError(
             f"`reference_prompts` must have one report per reference image ({len(reference_images)}), "
@@ -267,16 +280,27 @@ def evaluate_generator(
     generated = generate(list(reference_prompts), list(range(len(reference_prompts))))
     _, generated_embeddings = oracle_predict(oracle, generated, device=device)
     reference_probabilities, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
+    # off the manifold: judged on the images themselves, where a texture without anatomy is far from every scan
+    off_manifold_k = min(off_manifold_k, len(reference_images) - 1)  # a small reference set: its farthest neighbour
+    off_manifold, off_flags = compute_off_manifold_fraction(
+        generated.flatten(1), reference_images.flatten(1), k=off_manifold_k
+    )
     metrics: dict[str, Any] = {
         "prompt_fidelity": fidelity,
         "prompt_fidelity_exact": fidelity_exact,
         "fid_oracle_features": float(FIDMetric()(generated_embeddings.double(), reference_embeddings.double())),
+        "off_manifold_fraction": off_manifold,
+        "off_manifold_samples": [int(i) for i in torch.nonzero(off_flags).flatten()],
+        "off_manifold_k": off_manifold_k,
         "samples_per_prompt_class": samples_per_prompt_class,
         "num_reference_images": int(len(reference_images)),
     }
     if second_reference_images is not None:
         _, second_embeddings = oracle_predict(oracle, second_reference_images, device=device)
         metrics["fid_real_vs_real"] = float(FIDMetric()(second_embeddings.double(), reference_embeddings.double()))
+        metrics["off_manifold_fraction_real"] = compute_off_manifold_fraction(
+            second_reference_images.flatten(1), reference_images.flatten(1), k=off_manifold_k
+        )[0]
     if reference_labels is not None:
         present = reference_labels > 0.5
         members = {"normal": ~present.any(dim=1)}

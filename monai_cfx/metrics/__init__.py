@@ -21,7 +21,7 @@ from .distribution import (
     monte_carlo_l1,
     oracle_predict,
 )
-from .feature_distance import KIDMetric, compute_kid
+from .feature_distance import KIDMetric, compute_kid, compute_off_manifold_fraction
 from .grounding import GroundingMetric, compute_binned_auroc, compute_cnr, compute_miou
 from .latent import latent_shift
 from .reconstruction import compute_finding_contrast_kept
@@ -49,6 +49,7 @@ __all__ = [
     "compute_masked_l1",
     "compute_miou",
     "compute_monotone_fraction",
+    "compute_off_manifold_fraction",
     "distribution_distances",
     "latent_shift",
     "monte_carlo_l1",

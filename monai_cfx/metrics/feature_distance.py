@@ -8,22 +8,23 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Kernel Inception Distance (Binkowski et al. 2018): MONAI has FID but no KID."""
+"""Measures on an evaluation network's features that MONAI lacks: the Kernel Inception Distance (Binkowski et al.
+2018; MONAI has FID but no KID) and the fraction of samples off a reference set's manifold."""
 
 from __future__ import annotations
 
 import torch
 from monai.metrics.metric import Metric
 
-__all__ = ["KIDMetric", "compute_kid"]
+__all__ = ["KIDMetric", "compute_kid", "compute_off_manifold_fraction"]
 
 
-def _check_features(name: str, features: torch.Tensor) -> torch.Tensor:
+def _check_features(name: str, features: torch.Tensor, min_samples: int = 2) -> torch.Tensor:
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"`{name}` must be a (num_samples, num_features) tensor, got {shape}.")
-    if features.shape[0] < 2:
-        raise ValueError(f"`{name}` needs at least 2 samples for an unbiased estimate, got {features.shape[0]}.")
+    if features.shape[0] < min_samples:
+        raise ValueError(f"`{name}` needs at least {min_samples} samples, got {features.shape[0]}.")
     return features.double()
 
 
@@ -100,3 +101,38 @@ class KIDMetric(Metric):
             y_pred, y, self.subset_size, self.num_subsets, self.degree, self.coef, self.seed
         )
         return mean
+
+
+def compute_off_manifold_fraction(
+    features: torch.Tensor, reference_features: torch.Tensor, k: int = 3
+) -> tuple[float, torch.Tensor]:
+    """The fraction of samples outside the manifold of a reference set, in an evaluation network's feature space:
+    the complement of Kynkäänniemi et al.'s improved precision (NeurIPS 2019). Each reference sample spans a ball
+    reaching its ``k``-th nearest other reference sample; a sample inside no ball is off the manifold, as an image
+    with the texture of a scan but not its anatomy is. Measure two real sets against each other for the floor.
+
+    Args:
+        features: ``(N, F)`` features of the samples to judge (e.g. generated images).
+        reference_features: ``(M, F)`` features of real images, ``M > k``.
+        k: the neighbour that sets each ball's radius (3 in the paper).
+
+    Returns:
+        the fraction off the manifold, and the per-sample flags ``(N,)`` (True: off).
+
+    Raises:
+        ValueError: for feature sets that are not 2D with the same width, or ``k`` outside ``[1, M - 1]``.
+    """
+    features = _check_features("features", features, min_samples=1)
+    reference = _check_features("reference_features", reference_features)
+    if features.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"`features` and `reference_features` must have the same width, got {features.shape[1]} and "
+            f"{reference.shape[1]}."
+        )
+    if not 1 <= k < reference.shape[0]:
+        raise ValueError(f"`k` must be in [1, {reference.shape[0] - 1}] for {reference.shape[0]} references, got {k}.")
+    within = torch.cdist(reference, reference)
+    # the k-th nearest other reference: index k of the sorted row, whose index 0 is the sample itself
+    radii = within.sort(dim=1).values[:, k]
+    off = ~(torch.cdist(features, reference) <= radii[None, :]).any(dim=1)
+    return float(off.double().mean()), off

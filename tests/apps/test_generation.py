@@ -95,6 +95,9 @@ class TestGeneratorEvaluation(unittest.TestCase):
         )
         self.assertGreaterEqual(metrics["fid_oracle_features"], 0.0)
         self.assertLess(metrics["fid_oracle_features"], 0.05)  # same distribution as the references
+        self.assertLessEqual(metrics["off_manifold_fraction"], 0.25)
+        self.assertEqual(len(metrics["off_manifold_samples"]), round(8 * metrics["off_manifold_fraction"]))
+        self.assertIn("off_manifold_fraction_real", metrics)
         with self.assertRaisesRegex(ValueError, "reference_prompts"):
             evaluate_generator(always_opacity, ChannelOracle(), references, ["x"], "chest", LABELS)
 
