@@ -214,6 +214,7 @@ def evaluate_generator(
     autoencoder: torch.nn.Module | None = None,
     batch_size: int = 8,
     off_manifold_k: int = 5,
+    figure_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Prompt fidelity and FID of a text-to-image generator, judged by the oracle.
 
@@ -245,6 +246,8 @@ def evaluate_generator(
         reference_labels: ``(N, K)`` multi-hot findings of ``reference_images``, in the order of ``label_names``.
         autoencoder: the generator's autoencoder (``decode_stage_2_outputs`` and an encoder).
         batch_size: images per autoencoder call.
+        figure_path: a PNG of samples off the manifold beside samples on it
+            (:func:`~monai_cfx.visualize.plot_manifold_check`), written before the metrics.
         off_manifold_k: the neighbour that sets each testing image's ball (5: 2.5 % of the 2D validation images fall
             outside, 3: 5.5 %).
     """
@@ -301,6 +304,10 @@ def evaluate_generator(
         metrics["off_manifold_fraction_real"] = compute_off_manifold_fraction(
             second_reference_images.flatten(1), reference_images.flatten(1), k=off_manifold_k
         )[0]
+    if figure_path is not None:
+        from monai_cfx.visualize import plot_manifold_check  # matplotlib only when a figure is asked for
+
+        plot_manifold_check(generated, off_flags, figure_path, overwrite=overwrite)
     if reference_labels is not None:
         present = reference_labels > 0.5
         members = {"normal": ~present.any(dim=1)}

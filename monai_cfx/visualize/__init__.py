@@ -21,6 +21,7 @@ from .figures import (
     plot_chest_phantoms,
     plot_counterfactual_rows,
     plot_grounding_panels,
+    plot_manifold_check,
     plot_sample_grid,
 )
 from .traversal import plot_image_strip, plot_trajectory, plot_traversal_curves, save_trajectory_gif
@@ -31,6 +32,7 @@ __all__ = [
     "draw_heatmap",
     "middle_slice",
     "plot_image_strip",
+    "plot_manifold_check",
     "plot_trajectory",
     "plot_traversal_curves",
     "save_trajectory_gif",

@@ -27,6 +27,7 @@ __all__ = [
     "plot_chest_phantoms",
     "plot_counterfactual_rows",
     "plot_grounding_panels",
+    "plot_manifold_check",
     "plot_sample_grid",
 ]
 
@@ -141,12 +142,7 @@ def plot_sample_grid(
     fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, height * rows), squeeze=False)
     for index, (sample, image) in enumerate(zip(result["samples"], result["images"][:, 0].numpy())):
         axis = axes[index // columns, index % columns]
-        if dims == "3d":  # axial mid-slice above the coronal one, RAS voxels shown radiologically
-            mid = image.shape[2] // 2
-            image = np.concatenate([image[:, :, mid].T[::-1], image[:, image.shape[1] // 2, :].T[::-1]], 0)
-        else:
-            image = image.T
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
+        axis.imshow(_display_slice(image), cmap="gray", vmin=0, vmax=1)
         axis.set_xticks([])
         axis.set_yticks([])
         verdict = ", ".join(f"{k} {v:.2f}" for k, v in sample["oracle_probabilities"].items() if v > 0.5) or "none"
@@ -161,6 +157,61 @@ def plot_sample_grid(
     )
     fig.tight_layout()
     save_figure(fig, path, overwrite, dpi=120)
+
+
+def _display_slice(image: np.ndarray) -> np.ndarray:
+    """A 2D image (W, H) as shown, or a volume's axial mid-slice above its coronal one, RAS voxels radiologically."""
+    if image.ndim == 3:
+        mid = image.shape[2] // 2
+        return np.concatenate([image[:, :, mid].T[::-1], image[:, image.shape[1] // 2, :].T[::-1]], 0)
+    return image.T
+
+
+def plot_manifold_check(
+    images: Any, off_manifold: Any, path: str | os.PathLike, per_row: int = 8, overwrite: bool = False
+) -> None:
+    """Generated samples off a reference set's manifold (top row, red) beside samples on it (bottom row, green), up to
+    ``per_row`` of each in sample order, titled with their index (the seed of ``evaluate_generator``'s samples).
+
+    Args:
+        images: ``(N, 1, *spatial)`` samples (2D, or 3D shown as axial over coronal mid-slices).
+        off_manifold: ``(N,)`` booleans, True where a sample is off the manifold.
+        path: the PNG to write (atomically).
+        per_row: samples per row.
+        overwrite: replace an existing file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images)[:, 0]
+    off = np.asarray(off_manifold, dtype=bool)
+    rows = [
+        ("off the manifold", "red", np.flatnonzero(off)[:per_row]),
+        ("on it", "green", np.flatnonzero(~off)[:per_row]),
+    ]
+    height = 2.1 if images.ndim == 3 else 3.4
+    fig, axes = plt.subplots(2, per_row, figsize=(1.7 * per_row, height * 2), squeeze=False)
+    for row, (label, colour, indices) in enumerate(rows):
+        for column in range(per_row):
+            axis = axes[row, column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column >= len(indices):
+                axis.axis("off")
+                continue
+            axis.imshow(_display_slice(images[indices[column]]), cmap="gray", vmin=0, vmax=1)
+            axis.set_xlabel(f"sample {indices[column]}", fontsize=7, color=colour)
+            if column == 0:
+                axis.set_ylabel(label, fontsize=8, color=colour)
+    fig.suptitle(
+        f"{int(off.sum())} of {len(off)} samples off the manifold of the testing images (outside every image's "
+        "nearest-neighbour ball, voxel space)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    save_figure(fig, path, overwrite, dpi=100)
 
 
 def plot_counterfactual_rows(

@@ -87,8 +87,10 @@ class TestGeneratorEvaluation(unittest.TestCase):
                 samples_per_prompt_class=4,
                 second_reference_images=torch.stack([image_with(["opacity"], 200 + i) for i in range(8)]),
                 output_path=Path(tmp) / "m.json",
+                figure_path=Path(tmp) / "off_manifold.png",
             )
             self.assertEqual(json.loads((Path(tmp) / "m.json").read_text()), metrics)
+            self.assertEqual((Path(tmp) / "off_manifold.png").read_bytes()[1:4], b"PNG")
         self.assertEqual(
             metrics["prompt_fidelity"],
             {"opacity": 1.0, "effusion": 0.0, "cardiomegaly": 0.0, "nodule": 0.0, "normal": 0.0},

@@ -93,6 +93,7 @@ class TestBundle2D(BundleCase):
         self.assertEqual(set(ceilings), {"num_images", "held_out_images", "autoencoder_reconstructions"})
         self.assertIn("normal", ceilings["autoencoder_reconstructions"]["prompt_fidelity_exact"])
         self.assertTrue(0.0 <= metrics["generator"]["off_manifold_fraction"] <= 1.0)
+        self.assertGreater((evaluation / "off_manifold.png").stat().st_size, 0)
 
         # a checkpoint for another architecture is refused with the file's name
         wrong = run_bundle(
