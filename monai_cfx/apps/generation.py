@@ -33,6 +33,7 @@ __all__ = [
     "evaluate_generator",
     "evaluate_oracle",
     "faithful_to_class",
+    "fidelity_ceilings",
     "finding_prompts",
     "generate_images",
     "save_generated",
@@ -198,6 +199,46 @@ def _reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, batch_size:
         )
 
 
+def fidelity_ceilings(
+    oracle: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    label_names: Sequence[str],
+    autoencoder: torch.nn.Module | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The prompt-fidelity rules (loose and exact, :func:`faithful_to_class`) applied to real images of each class
+    (normal, or one finding alone, as the single-finding prompts describe) instead of samples: ``held_out_images``, how
+    often the oracle agrees with real images, and with ``autoencoder``, ``autoencoder_reconstructions``, the same on
+    their reconstructions (posterior mean, decoded): the most a generator that decodes through this autoencoder can
+    score with this oracle. Classes without an image are left out; ``num_images`` counts each class's images.
+
+    Args:
+        images: ``(N, C, *spatial)`` real images.
+        labels: ``(N, K)`` their multi-hot findings, in the order of ``label_names``.
+    """
+    present = labels > 0.5
+    members = {"normal": ~present.any(dim=1)}
+    for index, name in enumerate(label_names):
+        members[name] = present[:, index] & (present.sum(dim=1) == 1)
+    members = {name: rows for name, rows in members.items() if rows.any()}
+    selected = torch.stack(list(members.values())).any(dim=0)
+    sources = {"held_out_images": images[selected]}
+    if autoencoder is not None:
+        sources["autoencoder_reconstructions"] = _reconstruct(autoencoder, images[selected], batch_size, device)
+    ceilings: dict[str, Any] = {"num_images": {name: int(rows.sum()) for name, rows in members.items()}}
+    for source, source_images in sources.items():
+        probabilities = torch.zeros(len(images), len(label_names))
+        probabilities[selected], _ = oracle_predict(oracle, source_images, device=device)
+        per_class = {name: _class_fidelity(probabilities[rows], name, label_names) for name, rows in members.items()}
+        ceilings[source] = {
+            rule: {name: value[rule] for name, value in per_class.items()}
+            for rule in ("prompt_fidelity", "prompt_fidelity_exact")
+        }
+    return ceilings
+
+
 def evaluate_generator(
     generate: Any,
     oracle: torch.nn.Module,
@@ -269,6 +310,9 @@ def evaluate_generator(
         )
     if autoencoder is not None and reference_labels is None:
         raise ValueError("`autoencoder` reconstructs the held-out images of each class: give `reference_labels` too.")
+    for path in (output_path, figure_path):  # both or neither: refused before any sampling
+        if path is not None:
+            check_writable(path, overwrite)
     fidelity, fidelity_exact = {}, {}
     for class_index, (name, class_prompts) in enumerate(
         finding_prompts(kind, label_names, samples_per_prompt_class).items()
@@ -282,7 +326,7 @@ def evaluate_generator(
         )
     generated = generate(list(reference_prompts), list(range(len(reference_prompts))))
     _, generated_embeddings = oracle_predict(oracle, generated, device=device)
-    reference_probabilities, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
+    _, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
     # off the manifold: judged on the images themselves, where a texture without anatomy is far from every scan
     off_manifold_k = min(off_manifold_k, len(reference_images) - 1)  # a small reference set: its farthest neighbour
     off_manifold, off_flags = compute_off_manifold_fraction(
@@ -309,27 +353,9 @@ def evaluate_generator(
 
         plot_manifold_check(generated, off_flags, figure_path, overwrite=overwrite)
     if reference_labels is not None:
-        present = reference_labels > 0.5
-        members = {"normal": ~present.any(dim=1)}
-        for index, name in enumerate(label_names):  # that finding alone, as the single-finding prompts describe
-            members[name] = present[:, index] & (present.sum(dim=1) == 1)
-        members = {name: rows for name, rows in members.items() if rows.any()}
-        ceilings: dict[str, Any] = {"num_images": {name: int(rows.sum()) for name, rows in members.items()}}
-        sources = {"held_out_images": lambda rows: reference_probabilities[rows]}
-        if autoencoder is not None:
-            selected = torch.stack(list(members.values())).any(dim=0)
-            reconstructed = torch.zeros_like(reference_probabilities)
-            reconstructed[selected], _ = oracle_predict(
-                oracle, _reconstruct(autoencoder, reference_images[selected], batch_size, device), device=device
-            )
-            sources["autoencoder_reconstructions"] = lambda rows: reconstructed[rows]
-        for source, probabilities_of in sources.items():
-            per_class = {
-                name: _class_fidelity(probabilities_of(rows), name, label_names) for name, rows in members.items()
-            }
-            ceilings[source] = {rule: {name: value[rule] for name, value in per_class.items()} for rule in
-                                ("prompt_fidelity", "prompt_fidelity_exact")}  # fmt: skip
-        metrics["fidelity_ceilings"] = ceilings
+        metrics["fidelity_ceilings"] = fidelity_ceilings(
+            oracle, reference_images, reference_labels, label_names, autoencoder, batch_size, device
+        )
     if output_path is not None:
         write_json(metrics, output_path, overwrite=overwrite)
     return metrics

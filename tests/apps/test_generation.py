@@ -157,6 +157,18 @@ class TestFidelityRulesAndCeilings(unittest.TestCase):
             evaluate_generator(lambda p, s: references[: len(p)], ChannelOracle(), references, ["a"] * 3, "chest",
                                LABELS, autoencoder=NoduleDrawingAutoencoder())  # fmt: skip
 
+        def never(prompts, seeds):
+            raise AssertionError("sampled although an output is refused")
+
+        with tempfile.TemporaryDirectory() as tmp:  # an existing figure: refused before sampling, nothing written
+            (Path(tmp) / "off_manifold.png").write_bytes(b"mine")
+            with self.assertRaisesRegex((FileExistsError, ValueError), "off_manifold.png"):
+                figure, output = Path(tmp) / "off_manifold.png", Path(tmp) / "m.json"
+                evaluate_generator(never, ChannelOracle(), references, ["a"] * 3, "chest", LABELS,
+                                   output_path=output, figure_path=figure)  # fmt: skip
+            self.assertEqual(sorted(p.name for p in Path(tmp).iterdir()), ["off_manifold.png"])
+            self.assertEqual((Path(tmp) / "off_manifold.png").read_bytes(), b"mine")
+
 
 class TestSaveGenerated(unittest.TestCase):
     def test_writes_nifti_png_and_prompts_with_affine(self):
