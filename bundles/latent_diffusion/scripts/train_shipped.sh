@@ -3,7 +3,7 @@
 # continuations they were trained with (docs/README.md, "Shipped weights and how they were trained"), into
 # MODEL_DIR (default: models_reproduced/ in this bundle; never models/ unless you set it so).
 #
-#   bash bundles/latent_diffusion/scripts/train_shipped.sh            # about 6.5 hours on one CPU thread
+#   bash bundles/latent_diffusion/scripts/train_shipped.sh            # about 8 hours on one CPU thread
 #   DRY_RUN=1 bash bundles/latent_diffusion/scripts/train_shipped.sh  # print the commands only
 #   ONLY=3d bash bundles/latent_diffusion/scripts/train_shipped.sh    # the 3D files only (2d: the 2D ones)
 #
