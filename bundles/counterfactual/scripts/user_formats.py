@@ -63,7 +63,9 @@ def write_dicom(path: Path, image: np.ndarray, spacing: float) -> None:
 
 def _one_finding(kind: str, seeds: range, size: int, count: int) -> list[dict]:
     """The first ``count`` phantoms of ``seeds`` with exactly one finding."""
-    subjects = []
+    subjects: list[dict] = []
+    if count == 0:
+        return subjects
     for seed in seeds:
         subject = generate_phantom(kind, seed, size)
         if len(subject["findings"]) == 1:
@@ -73,23 +75,25 @@ def _one_finding(kind: str, seeds: range, size: int, count: int) -> list[dict]:
     raise ValueError(f"only {len(subjects)} one-finding {kind} phantoms in seeds {seeds}, {count} asked for.")
 
 
-def write_scans(folder: Path, small: bool, per_format: int = 1) -> list[dict]:
+def write_scans(folder: Path, small: bool, per_format: int = 1, only: str | None = None) -> list[dict]:
     """Abnormal held-out phantoms (seeds from the bundles' testing splits: 1850 on in 2D, 900 on in 3D), ``per_format``
-    of each format, with their finding masks and a phrase for grounding; returns the datalist items."""
+    of each format (``only``: "radiographs" or "volumes"), with their finding masks and a phrase for grounding;
+    returns the datalist items."""
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     png_size, dicom_size, brain_size = (256, 128, 64) if small else (2048, 512, 200)
     suffix = (lambda index: "") if per_format == 1 else (lambda index: f"_{index}")
-    for index, chest in enumerate(_one_finding("chest", range(1850, 2000), png_size, per_format)):
+    radiographs, volumes = (per_format if only != "volumes" else 0), (per_format if only != "radiographs" else 0)
+    for index, chest in enumerate(_one_finding("chest", range(1850, 2000), png_size, radiographs)):
         name = f"chest_16bit{suffix(index)}.png"
         Image.fromarray(np.round(chest["image"][0] * 65535).astype(np.uint16).T).save(folder / name)
         items.append(dict(image=name, mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
-    for index, chest in enumerate(_one_finding("chest", range(1860, 2000), dicom_size, per_format)):
+    for index, chest in enumerate(_one_finding("chest", range(1860, 2000), dicom_size, radiographs)):
         name = f"chest{suffix(index)}.dcm"
         write_dicom(folder / name, chest["image"][0], spacing=350.0 / dicom_size)
         items.append(dict(image=name, mask=chest["mask"][0], report=chest["report"], phrase=chest["phrases"][0]))
     for index, brain in enumerate(
-        _one_finding("brain", range(950 if per_format == 1 else 900, 1000), brain_size, per_format)
+        _one_finding("brain", range(950 if per_format == 1 else 900, 1000), brain_size, volumes)
     ):
         name = f"brain{suffix(index)}.nii.gz"
         nib.save(nib.Nifti1Image(brain["image"][0].astype(np.float32) * 1800.0, brain["affine"]), folder / name)
@@ -171,9 +175,7 @@ def main() -> None:
     if args.per_format < 1:
         raise ValueError(f"--per_format must be at least 1, got {args.per_format}.")
     out = Path(args.out)
-    items = write_scans(out / "scans", args.small, args.per_format)
-    if args.only:
-        items = [item for item in items if item["image"].endswith(".nii.gz") == (args.only == "volumes")]
+    items = write_scans(out / "scans", args.small, args.per_format, args.only)
     rows = measure(items, out / "scans", out, tuple(args.volume_configs))
     summary = {}
     for row in rows:
