@@ -62,13 +62,13 @@ def write_dicom(path: Path, image: np.ndarray, spacing: float) -> None:
 
 
 def _one_finding(kind: str, seeds: range, size: int, count: int) -> list[dict]:
-    """The first ``count`` phantoms of ``seeds`` with exactly one finding."""
+    """The first ``count`` phantoms of ``seeds`` with exactly one finding, whose mask is not empty at this size."""
     subjects: list[dict] = []
     if count == 0:
         return subjects
     for seed in seeds:
         subject = generate_phantom(kind, seed, size)
-        if len(subject["findings"]) == 1:
+        if len(subject["findings"]) == 1 and subject["mask"].any():
             subjects.append(subject)
             if len(subjects) == count:
                 return subjects
