@@ -26,7 +26,7 @@ from monai.metrics.rocauc import compute_roc_auc
 from monai_cfx.data import generate_phantom
 from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
 from monai_cfx.metrics import compute_off_manifold_fraction, oracle_predict
-from monai_cfx.networks.utils import encode_mean
+from monai_cfx.networks.utils import reconstruct_mean
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
 __all__ = [
@@ -191,9 +191,7 @@ def _reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, batch_size:
     with torch.no_grad():
         return torch.cat(
             [
-                autoencoder.decode_stage_2_outputs(
-                    encode_mean(autoencoder, images[i : i + batch_size].to(device))
-                ).cpu()
+                reconstruct_mean(autoencoder, images[i : i + batch_size].to(device)).cpu()
                 for i in range(0, len(images), batch_size)
             ]
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from monai_cfx.networks.utils import encode_mean
+from monai_cfx.networks.utils import reconstruct_mean
 
 __all__ = ["compute_finding_contrast_kept"]
 
@@ -48,6 +48,6 @@ def compute_finding_contrast_kept(
     kept = []
     for image, twin, region in zip(images, healthy, inside):  # one pair at a time: a volume's memory at most
         pair = torch.stack([image, twin]).float()
-        reconstructions = autoencoder.decode_stage_2_outputs(encode_mean(autoencoder, pair))
+        reconstructions = reconstruct_mean(autoencoder, pair)
         kept.append(((reconstructions[0] - reconstructions[1]).abs() * region).sum())
     return torch.stack(kept) / contrast  # the means over the same voxels: their sums' ratio

@@ -12,6 +12,20 @@
 
 from __future__ import annotations
 
-from .utils import accelerate, downsampling_factor, encode_mean, set_flash_attention, spatial_dims_of
+from .utils import (
+    accelerate,
+    downsampling_factor,
+    encode_mean,
+    reconstruct_mean,
+    set_flash_attention,
+    spatial_dims_of,
+)
 
-__all__ = ["accelerate", "downsampling_factor", "encode_mean", "set_flash_attention", "spatial_dims_of"]
+__all__ = [
+    "accelerate",
+    "downsampling_factor",
+    "encode_mean",
+    "reconstruct_mean",
+    "set_flash_attention",
+    "spatial_dims_of",
+]

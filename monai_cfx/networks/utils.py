@@ -25,6 +25,7 @@ __all__ = [
     "downsampling_factor",
     "encode_mean",
     "parameter_dtype_of",
+    "reconstruct_mean",
     "set_flash_attention",
     "spatial_dims_of",
 ]
@@ -97,6 +98,12 @@ def encode_mean(autoencoder_model: torch.nn.Module, images: torch.Tensor) -> tor
     if encode is not None and hasattr(autoencoder_model, "sampling"):
         return encode(images)[0]
     return autoencoder_model.encode_stage_2_inputs(images)
+
+
+def reconstruct_mean(autoencoder_model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's deterministic round trip: the decoding of :func:`encode_mean` (call under ``no_grad`` for
+    evaluation)."""
+    return autoencoder_model.decode_stage_2_outputs(encode_mean(autoencoder_model, images))
 
 
 def parameter_dtype_of(network: torch.nn.Module) -> torch.dtype | None:
