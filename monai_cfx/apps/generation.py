@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = [
     "save_generated",
     "stack_items",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def generate_images(
@@ -312,9 +315,11 @@ def evaluate_generator(
         if path is not None:
             check_writable(path, overwrite)
     fidelity, fidelity_exact = {}, {}
-    for class_index, (name, class_prompts) in enumerate(
-        finding_prompts(kind, label_names, samples_per_prompt_class).items()
-    ):
+    prompts_by_class = finding_prompts(kind, label_names, samples_per_prompt_class)
+    for class_index, (name, class_prompts) in enumerate(prompts_by_class.items()):
+        logger.info(
+            f"prompt fidelity: {len(class_prompts)} samples of '{name}' ({class_index + 1}/{len(prompts_by_class)})"
+        )
         seeds = [1000 * (class_index + 1) + i for i in range(len(class_prompts))]
         probabilities, _ = oracle_predict(oracle, generate(class_prompts, seeds), device=device)
         class_fidelity = _class_fidelity(probabilities, name, label_names)
@@ -322,6 +327,7 @@ def evaluate_generator(
             class_fidelity["prompt_fidelity"],
             class_fidelity["prompt_fidelity_exact"],
         )
+    logger.info(f"FID and off-manifold check: one sample per reference report ({len(reference_prompts)})")
     generated = generate(list(reference_prompts), list(range(len(reference_prompts))))
     _, generated_embeddings = oracle_predict(oracle, generated, device=device)
     _, reference_embeddings = oracle_predict(oracle, reference_images, device=device)
@@ -351,6 +357,7 @@ def evaluate_generator(
 
         plot_manifold_check(generated, off_flags, figure_path, overwrite=overwrite)
     if reference_labels is not None:
+        logger.info("fidelity ceilings: the oracle on the reference images and on their reconstructions")
         metrics["fidelity_ceilings"] = fidelity_ceilings(
             oracle, reference_images, reference_labels, label_names, autoencoder, batch_size, device
         )

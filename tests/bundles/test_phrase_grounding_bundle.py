@@ -83,6 +83,32 @@ class TestPhraseGroundingBundle2D(GroundingCase):
             self.assertGreaterEqual(grounding[name]["cnr"], 0.0)
 
 
+class TestPhraseAlonePrompts(GroundingCase):
+    def test_one_finding_items_prompted_with_their_phrase(self):
+        """MS-CXR's protocol: --prompt_from_report False prompts each item with its phrases instead of its report,
+        and evaluate.json's --phrases_per_item 1 keeps only the one-finding items."""
+        out = self.tmp / "alone"
+        overrides = ["--prompt_from_report", "False", "--phrases_per_item", "1", "--num_items", "3"]
+        check_ok(
+            self, self.run_configs(self.configs("evaluate"), *self.common, *FAST, *overrides, "--output_dir", str(out))
+        )
+        testing = json.loads((self.tmp / "data" / "datalist.json").read_text())["testing"]
+        one_finding = [item for item in testing if len(item["phrases"]) == 1]
+        settings = json.loads((out / "metrics.json").read_text())["settings"]
+        self.assertEqual(settings["num_items"], min(3, len(one_finding)))
+        self.assertEqual((settings["prompt_from_report"], settings["phrases_per_item"]), (False, 1))
+        out = self.tmp / "alone_inference"
+        check_ok(
+            self,
+            self.run_configs(
+                self.configs("inference"), *self.common, *FAST, "--prompt_from_report", "False", "--num_items", "2",
+                "--output_dir", str(out),
+            ),
+        )  # fmt: skip
+        for record in json.loads((out / "grounding.json").read_text()):
+            self.assertEqual(record["prompt"], ". ".join(record["phrases"]) + ".")
+
+
 class TestPhraseGroundingBundle3D(TestPhraseGroundingBundle2D):
     configs_3d = ["configs/3d.json"]
     kind = "brain"
