@@ -25,12 +25,13 @@ from monai.metrics import FIDMetric
 from monai.metrics.rocauc import compute_roc_auc
 
 from monai_cfx.data import generate_phantom
-from monai_cfx.inferers import SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
+from monai_cfx.inferers import ClipOriginalSampleHook, SamplingHook, TextGuidedLatentDiffusionInferer, sample_prompts
 from monai_cfx.metrics import compute_off_manifold_fraction, oracle_predict
 from monai_cfx.networks.utils import reconstruct_mean
 from monai_cfx.utils import check_option, check_writable, write_json, write_nifti, write_png
 
 __all__ = [
+    "clip_hooks",
     "evaluate_generator",
     "evaluate_oracle",
     "faithful_to_class",
@@ -42,6 +43,33 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def clip_hooks(scheduler: Any, scale_factor_path: str | os.PathLike | None, enabled: bool = True) -> list[SamplingHook]:
+    """The sampling hooks that keep the predicted clean latent within the training latents' range
+    (:class:`~monai_cfx.inferers.ClipOriginalSampleHook`), read from the ``latent_range`` that diffusion training
+    writes into the scale factor file; ``[]`` when not ``enabled``.
+
+    Raises:
+        ValueError: ``enabled`` and the file records no ``latent_range`` (weights trained before it was recorded,
+            or your own): the message names the file and how to measure or switch it off.
+    """
+    if not enabled:
+        return []
+    import json
+
+    path = Path(str(scale_factor_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"scale factor file {str(path)!r} does not exist.")
+    latent_range = json.loads(path.read_text()).get("latent_range")
+    if not isinstance(latent_range, Mapping) or not {"low", "high"} <= set(latent_range):
+        raise ValueError(
+            f"scale factor file {str(path)!r} records no `latent_range` ({{'low': [...], 'high': [...]}}, one value "
+            "per latent channel) to clip the predicted clean latent to: measure it with "
+            "monai_cfx.engines.compute_latent_range on your training images and add it, or run with "
+            "--clip_original_sample false."
+        )
+    return [ClipOriginalSampleHook(scheduler, latent_range["low"], latent_range["high"])]
 
 
 def generate_images(

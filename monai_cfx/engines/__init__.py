@@ -40,6 +40,7 @@ from .latent_diffusion import (
     AutoencoderKLLoss,
     LatentDiffusionPrepareBatch,
     ReconstructionPrepareBatch,
+    compute_latent_range,
     compute_scale_factor,
     phrases_by_report,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "StrongLatentAugment",
     "apply_finetuned",
     "check_reconstruction",
+    "compute_latent_range",
     "compute_scale_factor",
     "generate_prior_latents",
     "labelled_split",

@@ -300,6 +300,39 @@ def phrases_by_report(
     return mapping
 
 
+def compute_latent_range(
+    autoencoder: torch.nn.Module,
+    data: Iterable[Mapping[str, Any]],
+    scale_factor: float,
+    device: str | torch.device = "cpu",
+    max_batches: int = 8,
+    image_key: str = CommonKeys.IMAGE,
+) -> dict[str, list[float]]:
+    """Per-channel minimum and maximum of the scaled latents (``scale_factor`` × the autoencoder's) over up to
+    ``max_batches`` batches, as ``{"low": [...], "high": [...]}``: the bounds that
+    :class:`~monai_cfx.inferers.ClipOriginalSampleHook` keeps the predicted clean latent within while sampling."""
+    autoencoder = autoencoder.to(device).eval()
+    low: torch.Tensor | None = None
+    high: torch.Tensor | None = None
+    # the posterior samples and the loader's seed draw from the global generators: forked, so that a training run
+    # that measures the range keeps the random stream (and so the weights) of one that does not
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []),
+    ):
+        for index, batch in enumerate(data):
+            if index >= max_batches:
+                break
+            latents = autoencoder.encode_stage_2_inputs(torch.as_tensor(batch[image_key]).to(device)).cpu()
+            latents = latents.float().transpose(0, 1).flatten(1) * float(scale_factor)  # (C, everything else)
+            batch_low, batch_high = latents.min(1).values, latents.max(1).values
+            low = batch_low if low is None else torch.minimum(low, batch_low)
+            high = batch_high if high is None else torch.maximum(high, batch_high)
+    if low is None or high is None:
+        raise ValueError("`data` yielded no batch: cannot measure the latent range.")
+    return {"low": [float(v) for v in low], "high": [float(v) for v in high]}
+
+
 def compute_scale_factor(
     autoencoder: torch.nn.Module,
     data: Iterable[Mapping[str, Any]],

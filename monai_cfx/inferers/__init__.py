@@ -15,7 +15,7 @@ from __future__ import annotations
 from .counterfactual import CounterfactualInferer, RegionBlendHook
 from .drift import Drift, DriftDiffusionInferer, DriftHook, DriftLatentDiffusionInferer
 from .grounding import CaptureWindowHook, CrossAttentionGroundingInferer
-from .guidance import ClassifierGuidanceHook
+from .guidance import ClassifierGuidanceHook, ClipOriginalSampleHook
 from .inversion import ddim_invert
 from .latent_diffusion import TextGuidedLatentDiffusionInferer, sample_prompts
 from .sampling import GuidedStepsHook, KeepSamples, SamplingHook, SamplingState, denoise, seeded_noise
@@ -24,6 +24,7 @@ from .traversal import PromptSwapHook, TrajectoryTraversalInferer, TraversalResu
 __all__ = [
     "CaptureWindowHook",
     "ClassifierGuidanceHook",
+    "ClipOriginalSampleHook",
     "CounterfactualInferer",
     "CrossAttentionGroundingInferer",
     "Drift",
