@@ -22,6 +22,7 @@ from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
 from monai_cfx.data.collate import own_grid_value
+from monai_cfx.inferers.sampling import SamplingHook
 from monai_cfx.transforms.scan import fit_to_size
 
 from .checks import check_reconstruction
@@ -51,6 +52,8 @@ class CounterfactualPrepareBatch(PrepareBatch):
         seed: seed of the first image's noise.
         max_reconstruction_mse: refuse images whose autoencoder round trip has a larger mean squared error (the
             out-of-distribution check, :func:`~monai_cfx.engines.check_reconstruction`); ``None`` skips it.
+        hooks: step hooks passed to every call of the inferer's denoising loop (e.g.
+            :class:`~monai_cfx.inferers.ClipOriginalSampleHook`).
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class CounterfactualPrepareBatch(PrepareBatch):
         seed: int = 0,
         image_key: str = CommonKeys.IMAGE,
         max_reconstruction_mse: float | None = None,
+        hooks: Sequence[SamplingHook] = (),
     ) -> None:
         self.max_reconstruction_mse = max_reconstruction_mse
+        self.hooks = list(hooks)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}.")
         self.autoencoder = autoencoder.eval()
@@ -150,4 +155,6 @@ class CounterfactualPrepareBatch(PrepareBatch):
             "region_mask": region_mask,
             "seed": seeds,
         }
+        if self.hooks:
+            call_kwargs["hooks"] = self.hooks
         return images, target, (self.autoencoder,), call_kwargs

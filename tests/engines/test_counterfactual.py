@@ -6,6 +6,7 @@ import torch
 from monai.data import MetaTensor, list_data_collate
 
 from monai_cfx.engines import CounterfactualPrepareBatch
+from monai_cfx.inferers import SamplingHook
 from tests.helpers import FakeTextEncoder, tiny_autoencoder
 
 
@@ -37,6 +38,13 @@ class TestCounterfactualPrepareBatch(unittest.TestCase):
         self.assertEqual(kwargs["conditioning"][:, 0, 0].tolist(), [len("With effusion."), len("Normal.")])
         self.assertEqual(float(kwargs["uncond_conditioning"].abs().sum()), 0.0)
         self.assertIsNone(kwargs["region_mask"])
+        self.assertNotIn("hooks", kwargs)  # the inferer's own default
+
+    def test_hooks_reach_every_call(self):
+        hook = SamplingHook()
+        prepare = CounterfactualPrepareBatch(tiny_autoencoder(), TextEncoderWithNull(), "Normal.", hooks=[hook])
+        for names in (["a.nii.gz"], ["b.nii.gz", "c.nii.gz"]):
+            self.assertEqual(prepare(batch_of(names))[3]["hooks"], [hook])
 
     def test_seeds_follow_the_file_not_the_batch(self):
         _, _, _, together = self.prepare(batch_of(["a.nii.gz", "b.nii.gz"]))
