@@ -22,7 +22,7 @@ class TestTrainShipped(unittest.TestCase):
         result = subprocess.run(["bash", str(BUNDLE / "scripts" / "train_shipped.sh")], env=env, capture_output=True,
                                 text=True, check=True)  # fmt: skip
         commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
-        self.assertEqual(len(commands), 14)
+        self.assertEqual(len(commands), 16)
         trained = set()
         for command in commands:
             configs = ast.literal_eval(command[command.index("--config_file") + 1])
@@ -37,6 +37,7 @@ class TestTrainShipped(unittest.TestCase):
                 self.assertEqual(overrides["resume"], "false")
             dims = "3d" if "configs/3d.json" in configs else "2d"
             dims = "3d_lesion" if "configs/3d_lesion.json" in configs else dims
+            dims = "2d_lesion" if "configs/2d_lesion.json" in configs else dims
             job = next(name for name in configs if "train_" in name).split("train_")[1][:-5]
             job = "diffusion_all_levels" if "configs/attention_all_levels.json" in configs else job
             trained.add(f"{job}_{dims}.pt")

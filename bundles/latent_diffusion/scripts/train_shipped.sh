@@ -3,7 +3,7 @@
 # continuations they were trained with (docs/README.md, "Shipped weights and how they were trained"), into
 # MODEL_DIR (default: models_reproduced/ in this bundle; never models/ unless you set it so).
 #
-#   bash bundles/latent_diffusion/scripts/train_shipped.sh            # about 8 hours on one CPU thread
+#   bash bundles/latent_diffusion/scripts/train_shipped.sh            # about 10.5 hours on one CPU thread
 #   DRY_RUN=1 bash bundles/latent_diffusion/scripts/train_shipped.sh  # print the commands only
 #   ONLY=3d bash bundles/latent_diffusion/scripts/train_shipped.sh    # the 3D files only (2d: the 2D ones)
 #
@@ -40,6 +40,9 @@ if [ "$ONLY" = all ] || [ "$ONLY" = 2d ]; then
     run "['configs/inference.json','configs/train_oracle.json']"
     run "['configs/inference.json','configs/train_oracle.json']" --pretrained_path "$MODEL_DIR/oracle_2d.pt" \
         --resume false
+    # the 2D lesion recipe: its own autoencoder and UNet (*_2d_lesion.pt), the oracle above is shared
+    run "['configs/inference.json','configs/train_autoencoder.json','configs/2d_lesion.json']"
+    run "['configs/inference.json','configs/train_diffusion.json','configs/2d_lesion.json']"
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = 3d ]; then
     run "['configs/inference.json','configs/train_autoencoder.json','configs/3d.json']"
