@@ -62,16 +62,26 @@ class TestRelocatableBundles(unittest.TestCase):
                 self.assertTrue({"monai_cfx", "transformers", "nibabel"} <= set(required), required)
 
     def test_copied_definitions_equal_the_latent_diffusion_bundles(self):
+        weight_files = ["load_autoencoder_path", "load_diffusion_path", "scale_factor_path"]
+        # (the bundle's configs, the latent diffusion bundle's configs they copy, whether the weight files are copied)
+        recipes = {
+            "3d_lesion": (["3d", "3d_lesion"], ["3d", "3d_lesion"], True),
+            "2d_lesion": (["2d_lesion"], ["2d_lesion"], True),
+        }
         for bundle in ("counterfactual", "phrase_grounding", "latent_drifting"):
-            lesion = [["3d", "3d_lesion"]] if (BUNDLES / bundle / "configs" / "3d_lesion.json").is_file() else []
-            for extra in [[], ["3d"], *lesion]:
-                source = _raw("latent_diffusion", ["inference", *extra])
+            cases = [([], [], False), (["3d"], ["3d"], False)]
+            cases += [
+                case for name, case in recipes.items() if (BUNDLES / bundle / "configs" / f"{name}.json").is_file()
+            ]
+            if (
+                bundle == "phrase_grounding"
+            ):  # its 2D default is the 2D lesion recipe, 2d_all_levels.json the UNet before
+                cases[0] = ([], ["2d_lesion"], True)
+                cases.append((["2d_all_levels"], ["attention_all_levels"], False))
+            for extra, source_extra, with_weight_files in cases:
+                source = _raw("latent_diffusion", ["inference", *source_extra])
                 copy = _raw(bundle, ["inference", *extra])
-                if bundle == "phrase_grounding" and not extra:
-                    source = _raw("latent_diffusion", ["inference", "attention_all_levels"])
-                keys = SHARED_DEFINITIONS + ["diffusion_attention_levels"]
-                if "3d_lesion" in extra:  # the recipe's own weight files
-                    keys = keys + ["load_autoencoder_path", "load_diffusion_path", "scale_factor_path"]
+                keys = SHARED_DEFINITIONS + ["diffusion_attention_levels"] + (weight_files if with_weight_files else [])
                 for key in keys:
                     with self.subTest(bundle=bundle, extra=extra, key=key):
                         self.assertEqual(copy.get(key), source.get(key))
