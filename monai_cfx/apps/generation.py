@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -56,8 +57,6 @@ def clip_hooks(scheduler: Any, scale_factor_path: str | os.PathLike | None, enab
     """
     if not enabled:
         return []
-    import json
-
     path = Path(str(scale_factor_path))
     if not path.is_file():
         raise FileNotFoundError(f"scale factor file {str(path)!r} does not exist.")

@@ -51,6 +51,23 @@ def epsilon_and_original_sample(
     raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
+def _schedule_of(scheduler: Any, purpose: str) -> tuple[torch.Tensor, str]:
+    """A sampling scheduler's ``alphas_cumprod`` and ``prediction_type``, checked for ``purpose`` (the error says what
+    needs them)."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(alphas_cumprod, torch.Tensor):
+        raise ValueError(
+            f"`scheduler` must have `alphas_cumprod` (a MONAI DDIMScheduler or DDPMScheduler), "
+            f"got {type(scheduler).__name__}."
+        )
+    prediction_type = str(getattr(scheduler, "prediction_type", None))
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"`scheduler.prediction_type` must be one of {list(PREDICTION_TYPES)} {purpose}, got {prediction_type!r}."
+        )
+    return alphas_cumprod, prediction_type
+
+
 class ClassifierGuidanceHook(SamplingHook):
     """Classifier guidance on the predicted clean latent x̂₀, as an ``after_model`` step hook.
 
@@ -137,20 +154,7 @@ class ClassifierGuidanceHook(SamplingHook):
         if not callable(classifier):
             raise ValueError(f"`classifier` must be callable (latent -> logits), got {type(classifier).__name__}.")
         self.classifier = classifier
-        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-        if not isinstance(alphas_cumprod, torch.Tensor):
-            raise ValueError(
-                f"`scheduler` must have `alphas_cumprod` (a MONAI DDIMScheduler or DDPMScheduler), "
-                f"got {type(scheduler).__name__}."
-            )
-        prediction_type = str(getattr(scheduler, "prediction_type", None))
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"`scheduler.prediction_type` must be one of {list(PREDICTION_TYPES)} for classifier guidance, "
-                f"got {prediction_type!r}."
-            )
-        self.alphas_cumprod = alphas_cumprod
-        self.prediction_type = prediction_type
+        self.alphas_cumprod, self.prediction_type = _schedule_of(scheduler, "for classifier guidance")
         if (
             isinstance(guidance_scale, bool)
             or not isinstance(guidance_scale, Real)
@@ -319,18 +323,7 @@ class ClipOriginalSampleHook(SamplingHook):
     """
 
     def __init__(self, scheduler: Any, low: float | Sequence[float], high: float | Sequence[float]) -> None:
-        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-        if not isinstance(alphas_cumprod, torch.Tensor):
-            raise ValueError(
-                f"`scheduler` must have `alphas_cumprod` (a MONAI DDIMScheduler or DDPMScheduler), "
-                f"got {type(scheduler).__name__}."
-            )
-        prediction_type = str(getattr(scheduler, "prediction_type", None))
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"`scheduler.prediction_type` must be one of {list(PREDICTION_TYPES)} to clip x̂₀, "
-                f"got {prediction_type!r}."
-            )
+        self.alphas_cumprod, self.prediction_type = _schedule_of(scheduler, "to clip x̂₀")
         low_values = torch.as_tensor(low, dtype=torch.float32).flatten()
         high_values = torch.as_tensor(high, dtype=torch.float32).flatten()
         sizes = (low_values.numel(), high_values.numel())
@@ -340,7 +333,6 @@ class ClipOriginalSampleHook(SamplingHook):
             raise ValueError(f"`low` and `high` must be finite, got {low!r} and {high!r}.")
         if not (low_values < high_values).all():
             raise ValueError(f"`low` must be below `high` in every channel, got {low!r} and {high!r}.")
-        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
         self.low, self.high = low_values, high_values
 
     def after_model(self, state: SamplingState) -> None:

@@ -73,39 +73,34 @@ class TestShippedWeights(unittest.TestCase):
     def test_3d_lesion_autoencoder_keeps_the_lesions(self):
         # docs/README.md: the lesion recipe's autoencoder keeps 0.71 of the lesion contrast on 64 unseen phantoms
         # (scripts/lesion_contrast.py, seeds from 700,000), the shipped 3-channel one 0.07; here 16 others
-        subjects = [generate_phantom("brain", 720_000 + index, 32, findings=["lesion"]) for index in range(16)]
-        subjects = [subject for subject in subjects if subject["mask"].any()]
-        images, healthy, masks = (
-            torch.from_numpy(np.stack([subject[key] for subject in subjects])).float()
-            for key in ("image", "healthy", "mask")
-        )
-        kept = {}
-        for recipe, extra in (("plain", []), ("lesion", ["configs/3d_lesion.json"])):
-            configs = ["configs/inference.json", "configs/3d.json", *extra]
-            autoencoder = load_bundle_config(default_bundle_dir(), configs, device="cpu").get_parsed_content(
-                "load_autoencoder"
-            )
-            kept[recipe] = float(compute_finding_contrast_kept(autoencoder.eval(), images, healthy, masks).mean())
+        kept = contrast_kept("brain", "lesion", 32, ["configs/3d.json"], "configs/3d_lesion.json")
         self.assertGreaterEqual(kept["lesion"], 0.55, msg=kept)
         self.assertLess(kept["plain"], 0.2, msg=kept)
 
     def test_2d_lesion_autoencoder_keeps_the_nodules(self):
         # docs/README.md: the 2D lesion recipe's autoencoder keeps 1.02 of a nodule's contrast on 64 unseen phantoms
         # (scripts/lesion_contrast.py --dims 2d_lesion), the shipped 3-channel one 0.59; here 16 others
-        subjects = [generate_phantom("chest", 720_000 + index, 64, findings=["nodule"]) for index in range(16)]
-        subjects = [subject for subject in subjects if subject["mask"].any()]
-        images, healthy, masks = (
-            torch.from_numpy(np.stack([subject[key] for subject in subjects])).float()
-            for key in ("image", "healthy", "mask")
-        )
-        kept = {}
-        for recipe, extra in (("plain", []), ("lesion", ["configs/2d_lesion.json"])):
-            autoencoder = load_bundle_config(
-                default_bundle_dir(), ["configs/inference.json", *extra], device="cpu"
-            ).get_parsed_content("load_autoencoder")
-            kept[recipe] = float(compute_finding_contrast_kept(autoencoder.eval(), images, healthy, masks).mean())
+        kept = contrast_kept("chest", "nodule", 64, [], "configs/2d_lesion.json")
         self.assertGreaterEqual(kept["lesion"], 0.85, msg=kept)
         self.assertLess(kept["plain"], 0.75, msg=kept)
+
+
+def contrast_kept(kind: str, finding: str, size: int, configs: list[str], lesion_config: str) -> dict[str, float]:
+    """The mean finding contrast kept by the plain and the lesion recipe's autoencoder on 16 unseen one-finding
+    phantoms (seeds from 720,000)."""
+    subjects = [generate_phantom(kind, 720_000 + index, size, findings=[finding]) for index in range(16)]
+    subjects = [subject for subject in subjects if subject["mask"].any()]
+    images, healthy, masks = (
+        torch.from_numpy(np.stack([subject[key] for subject in subjects])).float()
+        for key in ("image", "healthy", "mask")
+    )
+    kept = {}
+    for recipe, extra in (("plain", []), ("lesion", [lesion_config])):
+        autoencoder = load_bundle_config(
+            default_bundle_dir(), ["configs/inference.json", *configs, *extra], device="cpu"
+        ).get_parsed_content("load_autoencoder")
+        kept[recipe] = float(compute_finding_contrast_kept(autoencoder.eval(), images, healthy, masks).mean())
+    return kept
 
 
 # bundles/mediffusion/docs/README.md reports the shipped joint head's testing AUROC per finding; these floors sit
