@@ -297,6 +297,8 @@ class DriftSampler:
         token: the fine-tuning token (``None`` for the pretrained model or mode ``full``).
         prompts: the prompts that ``__call__`` cycles through; set them before a search.
         guidance_scale, num_inference_steps, batch_size, device: as :func:`~monai_cfx.apps.generation.generate_images`.
+        hooks: step hooks of every sampling run, before a call's own ``hooks`` (e.g.
+            :func:`~monai_cfx.apps.generation.clip_hooks`).
     """
 
     def __init__(
@@ -312,6 +314,7 @@ class DriftSampler:
         num_inference_steps: int = 50,
         batch_size: int = 16,
         device: str | torch.device = "cpu",
+        hooks: Sequence[SamplingHook] = (),
     ) -> None:
         if not callable(getattr(inferer, "initial_sample", None)):
             raise ValueError(f"`inferer` must be a DriftLatentDiffusionInferer, got {type(inferer).__name__}.")
@@ -321,6 +324,9 @@ class DriftSampler:
         self.prompts = list(prompts) if prompts is not None else []
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.batch_size, self.device = batch_size, device
+        if isinstance(hooks, SamplingHook) or not all(isinstance(hook, SamplingHook) for hook in hooks):
+            raise ValueError(f"`hooks` must be a list of SamplingHook, got {hooks!r}.")
+        self.hooks = list(hooks)
 
     def prompt(self, text: str) -> str:
         """``text`` as the model was fine-tuned to read it: the token in front, if any."""
@@ -353,7 +359,7 @@ class DriftSampler:
                 batch_size=self.batch_size,
                 device=self.device,
                 verbose=verbose,
-                hooks=hooks,
+                hooks=[*self.hooks, *hooks],
             )
         finally:
             self.inferer.drift = previous

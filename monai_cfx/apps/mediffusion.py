@@ -87,6 +87,7 @@ def joint_network(
     classifier_dropout: float = 0.3,
     pretrained_path: str | os.PathLike | None = None,
     classifier_norm: str | None = None,
+    classifier_pooling: str = "mean",
 ) -> JointDiffusionUNet:
     """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the arguments of a plain ``DiffusionModelUNet``
     config (the latent diffusion bundle's ``diffusion_def``) and a head of ``num_classes`` outputs (``classifier_*``:
@@ -104,6 +105,7 @@ def joint_network(
         classifier_hidden=classifier_hidden,
         classifier_dropout=classifier_dropout,
         classifier_norm=classifier_norm,
+        classifier_pooling=classifier_pooling,
     )
     if pretrained_path is None:
         return network
@@ -129,6 +131,7 @@ def load_joint_network(
     classifier_hidden: int = 2048,
     classifier_dropout: float = 0.3,
     classifier_norm: str | None = None,
+    classifier_pooling: str = "mean",
 ) -> JointDiffusionUNet:
     """A trained joint network (:func:`joint_network`'s architecture) with the weights at ``path`` (a state dict,
     or an ignite checkpoint holding it under ``"model"``), every key required, in ``eval()`` mode.
@@ -139,7 +142,12 @@ def load_joint_network(
             network (a plain UNet without a head, another UNet).
     """
     network = joint_network(
-        unet_config, num_classes, classifier_hidden, classifier_dropout, classifier_norm=classifier_norm
+        unet_config,
+        num_classes,
+        classifier_hidden,
+        classifier_dropout,
+        classifier_norm=classifier_norm,
+        classifier_pooling=classifier_pooling,
     )
     return load_weights(network, path, key="model").eval()
 
@@ -151,6 +159,7 @@ def stable_diffusion_joint_network(
     classifier_dropout: float = 0.3,
     joint_path: str | os.PathLike | None = None,
     classifier_norm: str | None = None,
+    classifier_pooling: str = "mean",
 ) -> JointDiffusionUNet:
     """A :class:`~monai_cfx.networks.nets.JointDiffusionUNet` with the architecture of a Stable Diffusion folder's
     UNet (``stable_diffusion``: :func:`~monai_cfx.networks.nets.load_stable_diffusion`'s result) and a head of
@@ -168,6 +177,7 @@ def stable_diffusion_joint_network(
         classifier_hidden=classifier_hidden,
         classifier_dropout=classifier_dropout,
         classifier_norm=classifier_norm,
+        classifier_pooling=classifier_pooling,
     )
     if joint_path is not None:
         return load_weights(network, joint_path, key="model").eval()

@@ -200,6 +200,9 @@ class TrajectoryTraversalInferer(Inferer):
         start: ``"noise"`` or ``"image"``.
         inversion_fixed_point_iterations: extra network calls per inversion step for ``start="image"`` (a
             near-exact round trip; see :func:`~monai_cfx.inferers.ddim_invert`).
+        hooks: step hooks of every sampling run of the sweep (the neutral trajectory and each swap), for example a
+            :class:`~monai_cfx.inferers.ClipOriginalSampleHook`; not of the inversion. They must be deterministic
+            functions of the step's state, so that the swaps may still share the neutral prefix.
         verbose: progress bars.
 
     Raises:
@@ -225,6 +228,7 @@ class TrajectoryTraversalInferer(Inferer):
         timestep_spacing: str = "linspace",
         start: str = "noise",
         inversion_fixed_point_iterations: int = 0,
+        hooks: Sequence[SamplingHook] = (),
         verbose: bool = False,
     ) -> None:
         super().__init__()
@@ -254,6 +258,9 @@ class TrajectoryTraversalInferer(Inferer):
                 f"`inversion_fixed_point_iterations` must be an int >= 0, got {inversion_fixed_point_iterations!r}."
             )
         self.inversion_fixed_point_iterations = int(inversion_fixed_point_iterations)
+        if isinstance(hooks, SamplingHook) or not all(isinstance(hook, SamplingHook) for hook in hooks):
+            raise ValueError(f"`hooks` must be a list of SamplingHook, got {hooks!r}.")
+        self.hooks = list(hooks)
         self.verbose = verbose
 
     def _check_swap_steps(self, swap_steps: Sequence[int]) -> list[int]:
@@ -358,7 +365,7 @@ class TrajectoryTraversalInferer(Inferer):
             initial_latent,
             timesteps,
             context=neutral_context,
-            hooks=[kept, counter],
+            hooks=[*self.hooks, kept, counter],
             progress_description=self._progress("neutral trajectory"),
             **branches,
         )
@@ -373,7 +380,7 @@ class TrajectoryTraversalInferer(Inferer):
                     shared,
                     timesteps,
                     context=target_context,
-                    hooks=[counter],
+                    hooks=[*self.hooks, counter],
                     start_step=step,
                     progress_description=self._progress(f"swap at step {step}"),
                     **branches,

@@ -197,3 +197,39 @@ class TestPerChannelDrift(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestDriftSamplerHooks(unittest.TestCase):
+    def test_the_sampler_s_hooks_run_in_every_call_before_the_call_s_own(self):
+        from monai.networks.schedulers import DDIMScheduler
+
+        from monai_cfx.apps.drifting import DriftSampler
+        from monai_cfx.inferers import ClipOriginalSampleHook, DriftLatentDiffusionInferer
+        from tests.helpers import CONTEXT_DIM, tiny_networks
+
+        autoencoder, unet = tiny_networks(2)
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        clip = ClipOriginalSampleHook(scheduler, [-0.05, -0.1], [0.05, 0.1])  # tight: every step is clipped
+
+        class TextEncoder:
+            def __call__(self, prompts):
+                return torch.stack([torch.full((3, CONTEXT_DIM), 0.1 * len(p)) for p in prompts])
+
+            def null_context(self, batch_size):
+                return torch.zeros(batch_size, 3, CONTEXT_DIM)
+
+        text_encoder = TextEncoder()
+
+        def sampler(hooks=()):
+            inferer = DriftLatentDiffusionInferer(scheduler, scale_factor=0.7, drift=0.01)
+            return DriftSampler(inferer, autoencoder, unet, text_encoder, [2, 4, 4], num_inference_steps=5,
+                                batch_size=2, hooks=hooks)  # fmt: skip
+
+        prompts, seeds = ["a normal image", "an image with a finding"], [3, 4]
+        with_hooks = sampler([clip]).generate(prompts, seeds)
+        per_call = sampler().generate(prompts, seeds, hooks=[clip])
+        plain = sampler().generate(prompts, seeds)
+        self.assertTrue(torch.equal(with_hooks, per_call))
+        self.assertFalse(torch.allclose(with_hooks, plain))
+        with self.assertRaisesRegex(ValueError, "`hooks`"):
+            sampler(hooks=[object()])

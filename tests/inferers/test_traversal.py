@@ -19,6 +19,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from parameterized import parameterized
 
 from monai_cfx.inferers import (
+    ClipOriginalSampleHook,
     PromptSwapHook,
     TrajectoryTraversalInferer,
     bezier_curve,
@@ -82,6 +83,30 @@ class TestSweep(unittest.TestCase):
         self.assertTrue(torch.equal(result.frame_latents[-1], result.swap_latents[-1]))
         frames = traversal().decode(result.frame_latents, autoencoder)
         self.assertEqual(tuple(frames.shape), (6, batch, 1, *(2 * s for s in shape[2:])))
+
+    def test_clipped_sweep_equals_separate_clipped_runs(self):
+        # a step hook of the sweep runs in the shared neutral prefix and in every swap, as in separate runs
+        autoencoder, unet = tiny_networks(2)
+        neutral, target, empty = prompts()
+        noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+        scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        clip = ClipOriginalSampleHook(scheduler, [-0.05, -0.1], [0.05, 0.1])  # tight: every step is clipped
+        result = traversal(hooks=[clip])(noise, unet, autoencoder, neutral, target, empty)
+        unclipped = traversal()(noise, unet, autoencoder, neutral, target, empty)
+        self.assertFalse(torch.allclose(result.neutral_latent, unclipped.neutral_latent))
+        separate_scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+        separate_scheduler.set_timesteps(STEPS)
+        branches = {"uncond_context": empty.expand(2, -1, -1), "guidance_scale": 3.0, "verbose": False}
+        context = neutral.expand(2, -1, -1)
+        separate_neutral = denoise(unet, separate_scheduler, noise, context=context, hooks=[clip], **branches)
+        self.assertTrue(torch.equal(result.neutral_latent, separate_neutral))
+        for index, step in enumerate(result.swap_steps):
+            swap = PromptSwapHook(step, target.expand(2, -1, -1))
+            separate = denoise(unet, separate_scheduler, noise, context=context, hooks=[swap, clip], **branches)
+            self.assertTrue(torch.equal(result.swap_latents[index], separate), f"swap at {step}")
+        # DDIM's last step returns the clipped x̂₀ itself: the final latents lie within the bounds
+        self.assertLessEqual(float(result.swap_latents[:, :, 0].abs().max()), 0.05 + 1e-6)
+        self.assertLessEqual(float(result.swap_latents[:, :, 1].abs().max()), 0.1 + 1e-6)
 
     def test_swap_changes_the_result_and_a_swap_at_zero_is_the_target(self):
         autoencoder, unet = tiny_networks(2)
@@ -157,6 +182,7 @@ class TestBadInput(unittest.TestCase):
             ("start", {"start": "scan"}),
             ("timestep_spacing", {"timestep_spacing": "uniform"}),
             ("num_inference_steps", {"timestep_spacing": "trailing", "num_inference_steps": 30}),  # 30 ∤ 100
+            ("hooks", {"hooks": [object()]}),
         ]
         for name, kwargs in cases:
             with self.subTest(name=name, kwargs=kwargs), self.assertRaisesRegex(ValueError, f"`{name}`"):

@@ -32,6 +32,7 @@ __all__ = ["JointDiffusionUNet"]
 HEAD_PREFIX = "head."
 HEAD_NORM_PREFIX = "head_norm."
 CLASSIFIER_NORMS = (None, "batch")
+CLASSIFIER_POOLINGS = ("mean", "mean_max")
 
 
 class JointDiffusionUNet(DiffusionModelUNet):
@@ -45,7 +46,8 @@ class JointDiffusionUNet(DiffusionModelUNet):
       down block's residuals, the tensors the skip connections carry) and the middle block's output, each averaged
       over space (2D or 3D), concatenated: ``(B, num_features)`` with
       ``num_features = c_0 + sum_i c_i * (r_i + [i is not the last level]) + c_last`` for channels ``c`` and
-      residual blocks ``r``.
+      residual blocks ``r`` (with ``classifier_pooling="mean_max"`` the spatial maxima of the same maps follow:
+      twice as many).
     * :attr:`head` is ``Linear(F, H) - LeakyReLU(0.2) - Dropout(p) - Linear(H, num_classes)``. It reads the
       features through :attr:`head_norm`: the identity (the reference), or with ``classifier_norm="batch"`` a
       ``BatchNorm1d`` that standardises each feature. The pooled features' scales differ by two orders of magnitude
@@ -72,10 +74,14 @@ class JointDiffusionUNet(DiffusionModelUNet):
         classifier_dropout: dropout probability of the head, in [0, 1).
         classifier_norm: normalisation of the head's input: ``None`` (the reference's raw features) or ``"batch"``
             (``BatchNorm1d`` over the features: batch statistics in training, running ones in ``eval()``).
+        classifier_pooling: pooling of each captured feature map: ``"mean"`` (global average, as the reference) or
+            ``"mean_max"`` (the averages, then the spatial maxima of the same maps: ``2 * num_features``; a finding
+            of a few latent voxels moves a maximum more than an average).
 
     Raises:
         ValueError: for a ``num_classes`` or ``classifier_hidden`` that is not a positive int, a
-            ``classifier_dropout`` outside [0, 1) or a ``classifier_norm`` not in (None, "batch"); MONAI's own checks
+            ``classifier_dropout`` outside [0, 1), a ``classifier_norm`` not in (None, "batch") or a
+            ``classifier_pooling`` not in ("mean", "mean_max"); MONAI's own checks
             for the UNet arguments.
 
     Example::
@@ -113,6 +119,7 @@ class JointDiffusionUNet(DiffusionModelUNet):
         classifier_hidden: int = 2048,
         classifier_dropout: float = 0.3,
         classifier_norm: str | None = None,
+        classifier_pooling: str = "mean",
     ) -> None:
         # check the head's arguments before building the (possibly large) UNet
         for name, value in (("num_classes", num_classes), ("classifier_hidden", classifier_hidden)):
@@ -123,6 +130,8 @@ class JointDiffusionUNet(DiffusionModelUNet):
             raise ValueError(f"`classifier_dropout` must be a probability in [0, 1), got {classifier_dropout!r}.")
         if classifier_norm not in CLASSIFIER_NORMS:
             raise ValueError(f"`classifier_norm` must be one of {CLASSIFIER_NORMS}, got {classifier_norm!r}.")
+        if classifier_pooling not in CLASSIFIER_POOLINGS:
+            raise ValueError(f"`classifier_pooling` must be one of {CLASSIFIER_POOLINGS}, got {classifier_pooling!r}.")
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -148,7 +157,9 @@ class JointDiffusionUNet(DiffusionModelUNet):
         self.classifier_hidden = int(classifier_hidden)
         self.classifier_dropout = float(classifier_dropout)
         self.classifier_norm = classifier_norm
-        self.num_features = self.feature_count(channels, num_res_blocks)
+        self.classifier_pooling = classifier_pooling
+        pooled_per_channel = 2 if classifier_pooling == "mean_max" else 1
+        self.num_features = pooled_per_channel * self.feature_count(channels, num_res_blocks)
         self.head_norm = nn.BatchNorm1d(self.num_features) if classifier_norm == "batch" else nn.Identity()
         self.head = nn.Sequential(
             nn.Linear(self.num_features, self.classifier_hidden),
@@ -201,7 +212,11 @@ class JointDiffusionUNet(DiffusionModelUNet):
             h, res_samples = downsample_block(hidden_states=h, temb=emb, context=context)
             captured.extend(res_samples)
         captured.append(self.middle_block(hidden_states=h, temb=emb, context=context))
-        return torch.cat([c.mean(dim=tuple(range(2, c.ndim))) for c in captured], dim=1)
+        means = [c.mean(dim=tuple(range(2, c.ndim))) for c in captured]
+        if self.classifier_pooling == "mean":
+            return torch.cat(means, dim=1)
+        maxima = [c.flatten(2).amax(dim=2) for c in captured]
+        return torch.cat(means + maxima, dim=1)
 
     def classify(
         self,
@@ -249,10 +264,11 @@ class JointDiffusionUNet(DiffusionModelUNet):
             raise ValueError(
                 f"The checkpoint's classification head does not fit this network (num_classes={self.num_classes}, "
                 f"num_features={self.num_features}, classifier_hidden={self.classifier_hidden}, "
-                f"classifier_norm={self.classifier_norm!r}): the checkpoint has head keys and shapes "
-                f"{checkpoint_head}, this network expects {expected}. Build the network with the checkpoint's "
-                "`num_classes` / `classifier_hidden` / `classifier_norm` (a `head_norm.*` key means 'batch'), or drop "
-                "the `head.*` and `head_norm.*` keys to load the UNet only."
+                f"classifier_norm={self.classifier_norm!r}, classifier_pooling={self.classifier_pooling!r}): the "
+                f"checkpoint has head keys and shapes {checkpoint_head}, this network expects {expected}. Build the "
+                "network with the checkpoint's `num_classes` / `classifier_hidden` / `classifier_norm` (a "
+                "`head_norm.*` key means 'batch') / `classifier_pooling` ('mean_max' reads twice the features), or "
+                "drop the `head.*` and `head_norm.*` keys to load the UNet only."
             )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

@@ -81,6 +81,14 @@ class TestJointDiffusionUNet(unittest.TestCase):
         self.assertEqual(tuple(features.shape), (2, joint.num_features))
         self.assertEqual(joint.num_features, 8 + 8 * 2 + 8 * 1 + 8)
         torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+        # mean_max: the same captures' averages, then their maxima over space
+        _, mean_max, _ = joint_like_tiny(spatial_dims, cross_attention_dim, classifier_pooling="mean_max")
+        with torch.no_grad():
+            both = mean_max.features(x, timesteps, context)
+        maxima = torch.cat([c.flatten(2).amax(dim=2) for c in captured], dim=1)
+        self.assertEqual(mean_max.num_features, 2 * joint.num_features)
+        torch.testing.assert_close(both, torch.cat([expected, maxima], dim=1), rtol=0, atol=1e-6)
+        self.assertEqual(tuple(mean_max.classify(x, context=context).shape), (2, NUM_CLASSES))
 
     @parameterized.expand(CASES)
     def test_forward_is_monai_bit_for_bit(self, _, spatial_dims, cross_attention_dim):
@@ -184,6 +192,13 @@ class TestJointDiffusionUNet(unittest.TestCase):
         other.load_state_dict(normed.state_dict())
         self.assertTrue(torch.equal(other.head_norm.running_mean, normed.head_norm.running_mean))
 
+    def test_checkpoint_of_the_other_pooling_refused(self):
+        _, mean, _ = joint_like_tiny(2)
+        _, mean_max, _ = joint_like_tiny(2, classifier_pooling="mean_max")
+        for source, target, name in ((mean_max, mean, "'mean'"), (mean, mean_max, "'mean_max'")):
+            with self.assertRaisesRegex(ValueError, rf"classifier_pooling={name}"):
+                target.load_state_dict(source.state_dict())
+
     def test_plain_checkpoint_with_wrong_keys_refused(self):
         plain, joint, _ = joint_like_tiny(2)
         state = plain.state_dict()
@@ -206,6 +221,7 @@ class TestJointDiffusionUNet(unittest.TestCase):
             ["dropout_high", {"num_classes": 2, "classifier_dropout": 1.0}, "classifier_dropout"],
             ["dropout_negative", {"num_classes": 2, "classifier_dropout": -0.1}, "classifier_dropout"],
             ["norm", {"num_classes": 2, "classifier_norm": "layer"}, "classifier_norm"],
+            ["pooling", {"num_classes": 2, "classifier_pooling": "max"}, "classifier_pooling"],
         ]
     )
     def test_bad_arguments(self, _, head, name):
