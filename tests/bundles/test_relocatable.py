@@ -73,10 +73,10 @@ class TestRelocatableBundles(unittest.TestCase):
             cases += [
                 case for name, case in recipes.items() if (BUNDLES / bundle / "configs" / f"{name}.json").is_file()
             ]
-            if (
-                bundle == "phrase_grounding"
-            ):  # its 2D default is the 2D lesion recipe, 2d_all_levels.json the UNet before
+            if bundle == "phrase_grounding":
+                # its defaults are the lesion recipes (2D and 3D), 2d_all_levels.json the 2D UNet before
                 cases[0] = ([], ["2d_lesion"], True)
+                cases[1] = (["3d"], ["3d", "3d_lesion"], True)
                 cases.append((["2d_all_levels"], ["attention_all_levels"], False))
             for extra, source_extra, with_weight_files in cases:
                 source = _raw("latent_diffusion", ["inference", *source_extra])
