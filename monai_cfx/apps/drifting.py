@@ -38,6 +38,7 @@ from monai_cfx.apps.generation import generate_images
 from monai_cfx.data import generate_phantom
 from monai_cfx.engines.finetune import prompt_with_token
 from monai_cfx.inferers import Drift, SamplingHook
+from monai_cfx.inferers.sampling import check_hooks
 from monai_cfx.metrics import distribution_distances, latent_shift, oracle_predict
 from monai_cfx.utils import (
     atomic_path,
@@ -324,9 +325,7 @@ class DriftSampler:
         self.prompts = list(prompts) if prompts is not None else []
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.batch_size, self.device = batch_size, device
-        if isinstance(hooks, SamplingHook) or not all(isinstance(hook, SamplingHook) for hook in hooks):
-            raise ValueError(f"`hooks` must be a list of SamplingHook, got {hooks!r}.")
-        self.hooks = list(hooks)
+        self.hooks = check_hooks(hooks)
 
     def prompt(self, text: str) -> str:
         """``text`` as the model was fine-tuned to read it: the token in front, if any."""

@@ -259,6 +259,16 @@ def _batch_of(name: str, value: torch.Tensor | None, batch_size: int, sample_nam
     )
 
 
+def check_hooks(hooks: Any, name: str = "hooks") -> list[SamplingHook]:
+    """``hooks`` as a list, refused unless it is a sequence of :class:`SamplingHook` (a single hook is refused too,
+    naming ``name``): for callers that keep hooks to pass to every loop they run."""
+    if isinstance(hooks, (SamplingHook, str, bytes)) or not isinstance(hooks, Sequence):
+        raise ValueError(f"`{name}` must be a list of SamplingHook, got {hooks!r}.")
+    if not all(isinstance(hook, SamplingHook) for hook in hooks):
+        raise ValueError(f"`{name}` must be a list of SamplingHook, got {hooks!r}.")
+    return list(hooks)
+
+
 def check_loop_inputs(
     sample: Any,
     num_timesteps: int,

@@ -42,7 +42,7 @@ from monai_cfx.networks.schedulers import (
 from monai_cfx.networks.utils import downsampling_factor, encode_mean, spatial_dims_of
 from monai_cfx.utils import check_finite, check_option
 
-from .sampling import KeepSamples, SamplingHook, SamplingState, _run_loop, check_loop_inputs
+from .sampling import KeepSamples, SamplingHook, SamplingState, _run_loop, check_hooks, check_loop_inputs
 
 __all__ = [
     "PromptSwapHook",
@@ -258,9 +258,7 @@ class TrajectoryTraversalInferer(Inferer):
                 f"`inversion_fixed_point_iterations` must be an int >= 0, got {inversion_fixed_point_iterations!r}."
             )
         self.inversion_fixed_point_iterations = int(inversion_fixed_point_iterations)
-        if isinstance(hooks, SamplingHook) or not all(isinstance(hook, SamplingHook) for hook in hooks):
-            raise ValueError(f"`hooks` must be a list of SamplingHook, got {hooks!r}.")
-        self.hooks = list(hooks)
+        self.hooks = check_hooks(hooks)
         self.verbose = verbose
 
     def _check_swap_steps(self, swap_steps: Sequence[int]) -> list[int]:
